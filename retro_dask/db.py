@@ -1,0 +1,390 @@
+"""db-build: the chunk database of the retrieval corpus.
+
+Reads the Megatron indexed datasets of the blend and writes, in the workdir:
+
+- ``db/candidates.zarr``: every candidate chunk cut from the document sizes of
+  the training documents, with its end trimmed of a trailing end-of-document
+  token and its BERT length (a block stage: one task per block);
+- ``db/chunks.zarr``: the valid candidates (non-empty, with at least one BERT
+  token) in corpus order, int64 ``[n_chunks, 5]``: dataset_idx, document_idx,
+  chunk_start, chunk_end, bert_length (a second block stage that compacts);
+- ``db/doc_first_row.npy`` / ``db/doc_key.npy``: the first row of each document
+  with chunks, for the neighbour filter's row -> document lookup;
+- ``db/infos.json`` and ``db/sampled.zarr`` (the seeded index-training sample).
+
+Candidate boundaries come from the ``.idx`` sizes alone (``plan.py``); only the
+BERT-length pass reads tokens, inside the workers, one block at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import arrays
+from .config import BuildConfig
+from .errors import InputError
+from .indexed_dataset import IndexedDataset
+from .plan import (
+    BlockStart,
+    CompactionSlice,
+    apportion,
+    candidate_block,
+    iter_blocks,
+    n_blocks,
+    plan_candidate_blocks,
+    plan_compaction,
+    sample_rows,
+    split_document_ranges,
+)
+from .runner import Runner, block_record, worker_threads
+from .tokenizer import BertTokenizerSpec, GPTTokenizerSpec, get_bert_tokenizer, get_gpt_tokenizer
+from .workdir import (
+    atomic_path,
+    atomic_write_json,
+    candidates_path,
+    chunks_path,
+    doc_keys_path,
+    doc_starts_path,
+    infos_path,
+    mark_stage_done,
+    read_json,
+    sampled_path,
+    stage_done,
+)
+
+DOC_KEY_SHIFT = 40  # document_idx < 2**40 per dataset; dataset_idx above it
+
+
+def doc_key(dataset_idx, document_idx):
+    return (np.asarray(dataset_idx, dtype=np.int64) << DOC_KEY_SHIFT) | np.asarray(document_idx, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def open_dataset(prefix: str) -> IndexedDataset:
+    """This process's memory map of an indexed dataset (opened once per worker)."""
+    return IndexedDataset(prefix)
+
+
+def gpt_spec(config: BuildConfig) -> GPTTokenizerSpec:
+    c = config.chunk
+    return GPTTokenizerSpec(vocab_file=c.gpt_vocab_file, merge_file=c.gpt_merge_file, tokenizer_json=c.gpt_tokenizer_json)
+
+
+def bert_spec(config: BuildConfig) -> BertTokenizerSpec:
+    return BertTokenizerSpec(model_dir=config.chunk.bert_model)
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    prefix: str
+    ratio: float
+    n_docs: int
+    splits: tuple[tuple[int, int], ...]  # document ranges of train, valid, test
+
+    @property
+    def train(self) -> tuple[int, int]:
+        return self.splits[0]
+
+
+def dataset_facts(config: BuildConfig) -> list[DatasetFacts]:
+    """Open every dataset of the blend (validating it) and split its documents."""
+    facts = []
+    for ratio, prefix in zip(config.chunk.data.ratios, config.chunk.data.prefixes):
+        ds = open_dataset(prefix)
+        facts.append(DatasetFacts(prefix, ratio, len(ds), tuple(split_document_ranges(len(ds), config.chunk.split))))
+    return facts
+
+
+def plan_candidates(config: BuildConfig, facts: Sequence[DatasetFacts]):
+    return plan_candidate_blocks(
+        [(open_dataset(f.prefix).sizes, f.train[0], f.train[1]) for f in facts],
+        config.chunk.chunk_length,
+        config.chunk.block_size,
+    )
+
+
+@dataclass(frozen=True)
+class CandidateJob:
+    """What a candidate-block task needs besides its block: values only."""
+
+    workdir: str
+    prefixes: tuple[str, ...]
+    train_ranges: tuple[tuple[int, int], ...]
+    chunk_length: int
+    gpt: GPTTokenizerSpec
+    bert: BertTokenizerSpec
+
+
+def chunk_tokens(ds: IndexedDataset, rows: np.ndarray) -> list[np.ndarray]:
+    """Token arrays of chunks ``rows`` (columns document, start, end) of one dataset."""
+    return [ds.get(int(d), int(s), int(e - s)) for d, s, e in rows]
+
+
+def trim_and_measure(job: CandidateJob, cand: np.ndarray) -> np.ndarray:
+    """Trim trailing end-of-document tokens and add each candidate's BERT length.
+
+    Returns int64 ``[n, 5]``; an end-of-document-only candidate becomes empty
+    (end == start, length 0); a candidate whose text has no BERT token keeps its
+    end and gets length 0.
+    """
+    gpt = get_gpt_tokenizer(job.gpt)
+    bert = get_bert_tokenizer(job.bert)
+    out = np.zeros((len(cand), 5), dtype=np.int64)
+    out[:, :4] = cand
+    texts: list[str] = [""] * len(cand)
+    for d in np.unique(cand[:, 0]):
+        sel = np.flatnonzero(cand[:, 0] == d)
+        ds = open_dataset(job.prefixes[int(d)])
+        sizes = ds.sizes
+        for i in sel:
+            doc, start, end = int(cand[i, 1]), int(cand[i, 2]), int(cand[i, 3])
+            tokens = ds.get(doc, start, end - start)
+            if end == int(sizes[doc]) and len(tokens) and int(tokens[-1]) == gpt.eod:
+                tokens = tokens[:-1]
+                out[i, 3] = end - 1
+            texts[i] = gpt.decode(tokens)
+    nonempty = out[:, 3] > out[:, 2]
+    lengths = bert.lengths(texts, num_threads=1)
+    out[:, 4] = np.where(nonempty, lengths, 0)
+    return out
+
+
+def candidates_task(job: CandidateJob, block: int, start: BlockStart, count: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    sizes_of = [open_dataset(p).sizes for p in job.prefixes]
+    cand = candidate_block(sizes_of, job.train_ranges, start, count, job.chunk_length)
+    rows = trim_and_measure(job, cand)
+    nonempty = rows[:, 3] > rows[:, 2]
+    valid = nonempty & (rows[:, 4] > 0)
+    n_ds = len(job.prefixes)
+    per = lambda mask: np.bincount(rows[mask, 0], minlength=n_ds).tolist()  # noqa: E731
+    stats = block_record(
+        len(rows), t0,
+        n_valid=int(valid.sum()),
+        valid_per_dataset=per(valid),
+        invalid_per_dataset=per(nonempty & ~valid),
+        empty_per_dataset=per(~nonempty),
+    )
+    return arrays.write_block(job.workdir, "db-candidates", candidates_path(job.workdir), block, rows, stats)
+
+
+def compaction_task(workdir: str, block: int, slices: Sequence[CompactionSlice]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cand = arrays.open_read(candidates_path(workdir))
+    b = cand.chunks[0]
+    parts = []
+    for s in slices:
+        rows = cand[s.block * b : (s.block + 1) * b]
+        valid = rows[(rows[:, 3] > rows[:, 2]) & (rows[:, 4] > 0)]
+        parts.append(valid[s.start : s.stop])
+    data = np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+    return arrays.write_block(workdir, "db-chunks", chunks_path(workdir), block, data, block_record(len(data), t0))
+
+
+def doc_starts_task(workdir: str, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of block ``block`` of chunks.zarr where a new document starts, and their keys."""
+    arr = arrays.open_read(chunks_path(workdir))
+    b = arr.chunks[0]
+    lo = block * b
+    rows = arr[max(lo - 1, 0) : lo + b, :2]
+    keys = doc_key(rows[:, 0], rows[:, 1])
+    if lo == 0:
+        new = np.ones(len(keys), bool)
+        new[1:] = keys[1:] != keys[:-1]
+        return np.flatnonzero(new).astype(np.int64), keys[new]
+    new = keys[1:] != keys[:-1]
+    return (lo + np.flatnonzero(new)).astype(np.int64), keys[1:][new]
+
+
+def write_doc_index(runner: Runner, n_chunks: int, block_size: int) -> None:
+    """Write db/doc_first_row.npy and db/doc_key.npy from chunks.zarr.
+
+    Blocks are scanned in parallel and their (small) results streamed in order
+    to raw files, which then become ``.npy`` files: memory stays bounded by the
+    number of tasks in flight.
+    """
+    import dask
+
+    w = runner.workdir
+    tasks = (dask.delayed(doc_starts_task)(w, b) for b in range(n_blocks(n_chunks, block_size)))
+    with atomic_path(doc_starts_path(w)) as rows_tmp, atomic_path(doc_keys_path(w)) as keys_tmp:
+        raw_rows, raw_keys = rows_tmp.with_suffix(".raw"), keys_tmp.with_suffix(".raw")
+        total = 0
+        with open(raw_rows, "wb") as fr, open(raw_keys, "wb") as fk:
+            for rows, keys in runner.map_ordered(tasks):
+                fr.write(np.ascontiguousarray(rows, np.int64).tobytes())
+                fk.write(np.ascontiguousarray(keys, np.int64).tobytes())
+                total += len(rows)
+        for raw, out in ((raw_rows, rows_tmp), (raw_keys, keys_tmp)):
+            raw_to_npy(raw, out, np.int64, total)
+            raw.unlink()
+
+
+def raw_to_npy(raw, out, dtype, n: int) -> None:
+    """Prefix a raw little-endian array file with an ``.npy`` header (streaming copy)."""
+    import shutil
+
+    from numpy.lib import format as npy
+
+    with open(out, "wb") as f, open(raw, "rb") as src:
+        npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)})
+        shutil.copyfileobj(src, f, 16 << 20)
+
+
+def lookup_documents(first_row: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Document key of each chunks.zarr row (``-1`` rows give ``-1``)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    pos = np.searchsorted(first_row, rows, side="right") - 1
+    out = np.asarray(keys)[np.clip(pos, 0, None)]
+    return np.where(rows < 0, -1, out)
+
+
+def train_sample(config: BuildConfig, n_chunks_per_dataset: Sequence[int], ntrain: int) -> np.ndarray:
+    """Sorted chunks.zarr rows of the index-training sample.
+
+    ``ntrain`` is split across datasets by blend ratio (capped by each one's
+    chunks); within a dataset the rows are a seeded uniform sample.
+    """
+    share = apportion(ntrain, config.chunk.data.ratios, n_chunks_per_dataset)
+    offsets = np.concatenate([[0], np.cumsum(n_chunks_per_dataset)])
+    parts = []
+    for d, k in enumerate(share):
+        rng = np.random.default_rng([config.chunk.seed, d])
+        parts.append(offsets[d] + sample_rows(int(n_chunks_per_dataset[d]), int(k), rng))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> dict[str, Any]:
+    """Run db-build; resumes from finished blocks. ``index_ntrain(n_chunks)`` sizes the sample."""
+    w = runner.workdir
+    t0 = time.perf_counter()
+    facts = dataset_facts(config)
+    plan = plan_candidates(config, facts)
+    if plan.n_candidates == 0:
+        raise InputError(
+            "the training split of --data-path has no tokens to chunk: check the prefixes "
+            f"({', '.join(config.chunk.data.prefixes)}) and --split"
+        )
+    B = config.chunk.block_size
+    arrays.create(candidates_path(w), (plan.n_candidates, 5), np.int64, B, fill_value=0)
+    job = CandidateJob(
+        w, tuple(f.prefix for f in facts), tuple(f.train for f in facts),
+        config.chunk.chunk_length, gpt_spec(config), bert_spec(config),
+    )
+    import dask
+
+    def candidate_task(b: int):
+        lo, hi = plan.block_rows(b)
+        return dask.delayed(candidates_task, pure=False)(job, b, plan.starts[b], hi - lo)
+
+    cand_result = runner.run_blocks("db-candidates", plan.n_blocks, candidate_task, desc="db-build: BERT lengths")
+    from .workdir import Ledger
+
+    records = Ledger(w, "db-candidates").records(plan.n_blocks)
+    missing = [b for b, r in enumerate(records) if r is None]
+    if missing:
+        raise RuntimeError(f"db-candidates blocks {missing[:10]} have no record after the stage finished")
+    n_ds = len(facts)
+    valid = np.zeros(n_ds, np.int64)
+    invalid = np.zeros(n_ds, np.int64)
+    empty = np.zeros(n_ds, np.int64)
+    for r in records:
+        valid += r["valid_per_dataset"]
+        invalid += r["invalid_per_dataset"]
+        empty += r["empty_per_dataset"]
+    n_chunks = int(valid.sum())
+    if n_chunks == 0:
+        raise InputError("no chunk of the training split has any BERT token: check the corpus and --bert-model")
+
+    compaction = plan_compaction([r["n_valid"] for r in records], B)
+    arrays.create(chunks_path(w), (n_chunks, 5), np.int64, B, fill_value=0)
+    chunk_result = runner.run_blocks(
+        "db-chunks", len(compaction),
+        lambda j: dask.delayed(compaction_task, pure=False)(w, j, compaction[j]),
+        desc="db-build: chunks",
+    )
+
+    if not stage_done(w, "db-docs"):
+        write_doc_index(runner, n_chunks, B)
+        mark_stage_done(w, "db-docs", {"n_chunks": n_chunks})
+
+    ntrain = int(index_ntrain(n_chunks))
+    sample = train_sample(config, valid.tolist(), ntrain)
+    done = stage_done(w, "db-sampled")
+    if not done or done.get("n_sampled") != len(sample):
+        with atomic_path(sampled_path(w)) as tmp:
+            arr = arrays.create(tmp, (len(sample),), np.int64, max(B, 1), fill_value=0)
+            for b, lo, hi in iter_blocks(len(sample), B):
+                arr[lo:hi] = sample[lo:hi]
+        mark_stage_done(w, "db-sampled", {"n_sampled": len(sample)})
+    sampled_per_dataset = np.bincount(
+        np.searchsorted(np.cumsum(valid), sample, side="right"), minlength=n_ds
+    ) if len(sample) else np.zeros(n_ds, np.int64)
+
+    infos = []
+    for d, f in enumerate(facts):
+        infos.append({
+            "ratio": f.ratio,
+            "prefix": f.prefix,
+            "n_docs": f.n_docs,
+            "n_docs_train": f.train[1] - f.train[0],
+            "n_chunks": int(valid[d] + invalid[d]),
+            "n_chunks_train": int(valid[d]),
+            "n_chunks_invalid": int(invalid[d]),
+            "n_chunks_sampled": int(sampled_per_dataset[d]),
+        })
+    atomic_write_json(infos_path(w), infos)
+    seconds = time.perf_counter() - t0
+    stats = runner.write_stats(
+        "db-build", cand_result, seconds,
+        n_candidates=plan.n_candidates, n_chunks=n_chunks, n_chunks_invalid=int(invalid.sum()),
+        n_sampled=len(sample), chunks_per_s=round(cand_result.total("n_rows") / max(cand_result.seconds, 1e-9), 1),
+        compaction_seconds=round(chunk_result.seconds, 3),
+    )
+    mark_stage_done(w, "db-build", {"n_chunks": n_chunks})
+    return stats
+
+
+def read_infos(workdir: str) -> list[dict[str, Any]]:
+    return read_json(infos_path(workdir))
+
+
+def db_chunks_per_dataset(workdir: str) -> list[int]:
+    return [int(i["n_chunks_train"]) for i in read_infos(workdir)]
+
+
+def lazy_candidate_boundaries(config: BuildConfig):
+    """The candidate chunk boundaries as a lazy Dask array ``[n, 4]``.
+
+    Computing it reads only the ``.idx`` sizes (memory-mapped), never a token.
+    """
+    import dask
+    import dask.array as da
+
+    facts = dataset_facts(config)
+    plan = plan_candidates(config, facts)
+    prefixes = tuple(f.prefix for f in facts)
+    ranges = tuple(f.train for f in facts)
+
+    def block(start: BlockStart, count: int) -> np.ndarray:
+        return candidate_block([open_dataset(p).sizes for p in prefixes], ranges, start, count, config.chunk.chunk_length)
+
+    parts = []
+    for b in range(plan.n_blocks):
+        lo, hi = plan.block_rows(b)
+        parts.append(da.from_delayed(dask.delayed(block)(plan.starts[b], hi - lo), shape=(hi - lo, 4), dtype=np.int64))
+    if not parts:
+        return da.zeros((0, 4), dtype=np.int64)
+    return da.concatenate(parts, axis=0)
+
+
+def lazy_chunks(workdir: str):
+    """``chunks.zarr`` as a lazy Dask array (one Dask block per Zarr chunk)."""
+    import dask.array as da
+
+    return da.from_zarr(str(chunks_path(workdir)))

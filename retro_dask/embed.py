@@ -1,0 +1,227 @@
+"""embed: BERT embeddings of chunks, computed inside the Dask workers.
+
+Reads ``db/chunks.zarr`` and the corpora's tokens; writes ``db/embeddings.zarr``
+(float ``[n_chunks, d]``, row i embeds chunks.zarr row i, one Zarr chunk per
+block). The same ``Embedder`` embeds the pretraining query chunks and serves
+``embed_texts`` to notebooks.
+
+A chunk's text is the GPT detokenization of its tokens; it is WordPiece
+tokenized with [CLS] and [SEP], truncated to ``max_chunk_length``; the
+embedding is the mean of the last hidden states over the WordPiece tokens,
+[CLS] and [SEP] excluded (Megatron's pooling).
+
+The model is loaded once per worker process (``get_embedder`` caches it by
+config) and never travels in the task graph; only the small frozen
+``EmbedConfig`` does. Within a block, chunks are sorted by length so batches
+carry little padding; results go back in row order.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import arrays
+from .config import EmbedConfig
+from .errors import InputError
+from .runner import block_record, worker_threads
+from .tokenizer import BertTokenizerSpec, GPTTokenizerSpec, default_bert_dir, get_bert_tokenizer, get_gpt_tokenizer
+from .workdir import chunks_path, embeddings_path
+
+CPU_BATCH = 128
+GPU_BATCH = 1024
+
+
+def bert_dir(model: str | None) -> str:
+    return os.path.abspath(model) if model else default_bert_dir()
+
+
+def check_bert_dir(model: str | None) -> dict[str, Any]:
+    """Check that ``model`` is a local BERT directory; return its config.json.
+
+    Raises an InputError naming the directory and what is wrong with it.
+    """
+    path = Path(bert_dir(model))
+    if not path.is_dir():
+        raise InputError(f"--bert-model {path}: no such directory; give a local Hugging Face BERT directory "
+                         "(config.json, model.safetensors, tokenizer files) or leave it out for all-MiniLM-L6-v2")
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--bert-model {path}: cannot read {cfg_file} ({exc}); is this a Hugging Face model directory?") from None
+    if cfg.get("model_type") != "bert":
+        raise InputError(f"--bert-model {path} is not a BERT model: {cfg_file} says model_type "
+                         f"{cfg.get('model_type')!r}, not 'bert'")
+    if not any(path.glob("*.safetensors")):
+        raise InputError(f"--bert-model {path} has no *.safetensors weights: retro-dask loads weights only from "
+                         "safetensors (never with pickle); convert the checkpoint to safetensors")
+    get_bert_tokenizer(BertTokenizerSpec(str(path)))  # raises if the tokenizer files are missing
+    return cfg
+
+
+def embedding_dim(model: str | None) -> int:
+    return int(check_bert_dir(model)["hidden_size"])
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class Embedder:
+    """A frozen BERT on one device, turning WordPiece id lists into pooled embeddings."""
+
+    def __init__(self, config: EmbedConfig, device: str | None = None, threads: int | None = None):
+        torch = _torch()
+        import transformers
+        from transformers import BertModel
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+        self.config = config
+        self.model_dir = bert_dir(config.bert_model)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            # Decided on purpose: a Dask worker's thread count (1 in the default
+            # cluster, one worker per core), or every core in a plain process.
+            torch.set_num_threads(threads or worker_threads())
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.embed_dtype]
+        model = BertModel.from_pretrained(
+            self.model_dir, local_files_only=True, use_safetensors=True, add_pooling_layer=False,
+            attn_implementation="sdpa",
+        )
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.dim = int(model.config.hidden_size)
+        self.tokenizer = get_bert_tokenizer(BertTokenizerSpec(self.model_dir))
+        self.batch_size = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
+        self.lock = threading.Lock()
+
+    def embed_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> np.ndarray:
+        """Embeddings (float32 ``[n, d]``) of [CLS] ... [SEP] id lists, in input order."""
+        torch = _torch()
+        n = len(ids)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        order = np.argsort(lengths, kind="stable")
+        bs = batch_size or self.batch_size
+        pad = self.tokenizer.pad_id
+        with self.lock, torch.inference_mode():
+            for lo in range(0, n, bs):
+                sel = order[lo : lo + bs]
+                width = int(lengths[sel].max())
+                batch = np.full((len(sel), width), pad, dtype=np.int64)
+                mask = np.zeros((len(sel), width), dtype=np.int64)
+                for r, i in enumerate(sel):
+                    batch[r, : lengths[i]] = ids[i]
+                    mask[r, : lengths[i]] = 1
+                input_ids = torch.from_numpy(batch).to(self.device)
+                attention = torch.from_numpy(mask).to(self.device)
+                hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+                # Pool over WordPiece tokens only: drop [CLS] (position 0) and [SEP] (last real token).
+                pool = attention.clone()
+                pool[:, 0] = 0
+                pool[torch.arange(len(sel), device=self.device), torch.from_numpy(lengths[sel] - 1).to(self.device)] = 0
+                pool = pool.to(hidden.dtype).unsqueeze(-1)
+                summed = (hidden * pool).sum(dim=1, dtype=torch.float32)
+                count = pool.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
+                out[sel] = (summed / count).cpu().numpy()
+        return out
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        ids = self.tokenizer.encode_for_model(list(texts), self.config.max_chunk_length, num_threads=1)
+        return self.embed_ids(ids, batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def get_embedder(config: EmbedConfig, device: str | None = None) -> Embedder:
+    """This process's Embedder for ``config``: the model is loaded once per worker."""
+    return Embedder(config, device)
+
+
+def embed_texts(texts: Sequence[str], config: EmbedConfig | None = None) -> np.ndarray:
+    """Embed strings with the configured BERT (for notebooks and ad-hoc queries)."""
+    return get_embedder(config or EmbedConfig()).embed_texts(list(texts))
+
+
+def chunk_texts(gpt_spec: GPTTokenizerSpec, token_arrays: Sequence[np.ndarray]) -> list[str]:
+    """GPT detokenization of chunks; end-of-document tokens inside a chunk are dropped.
+
+    Database chunks never hold one (db-build trims it); a pretraining sample's
+    chunk can span a document boundary, and the marker is not text.
+    """
+    gpt = get_gpt_tokenizer(gpt_spec)
+    return [gpt.decode(t[t != gpt.eod] if len(t) and (t == gpt.eod).any() else t) for t in token_arrays]
+
+
+def db_chunk_tokens(rows: np.ndarray, prefixes: Sequence[str]) -> list[np.ndarray]:
+    from .db import open_dataset
+
+    return [open_dataset(prefixes[int(d)]).get(int(doc), int(s), int(e - s)) for d, doc, s, e, _ in rows]
+
+
+def embed_block_task(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec, prefixes: tuple[str, ...],
+                     block: int, batch_size: int | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    B = arrays.open_read(chunks_path(workdir)).chunks[0]
+    rows = arrays.open_read(chunks_path(workdir))[block * B : (block + 1) * B]
+    embedder = get_embedder(config)
+    t_load = time.perf_counter()
+    texts = chunk_texts(gpt, db_chunk_tokens(rows, prefixes))
+    ids = embedder.tokenizer.encode_for_model(texts, config.max_chunk_length, num_threads=1)
+    t_tok = time.perf_counter()
+    emb = embedder.embed_ids(ids, batch_size)
+    t_model = time.perf_counter()
+    n_tokens = sum(len(x) for x in ids)
+    record = block_record(
+        len(rows), t0, load_seconds=round(t_load - t0, 4), tokenize_seconds=round(t_tok - t_load, 4),
+        model_seconds=round(t_model - t_tok, 4), n_wordpieces=n_tokens, device=str(embedder.device),
+    )
+    return arrays.write_block(workdir, "embed", embeddings_path(workdir), block,
+                              emb.astype(config.store_dtype, copy=False), record)
+
+
+def build_embeddings(runner, config, log=print) -> dict[str, Any]:
+    """Run the embed stage over every block of chunks.zarr; resumes from finished blocks."""
+    import dask
+
+    w = runner.workdir
+    t0 = time.perf_counter()
+    chunks = arrays.open_read(chunks_path(w))
+    n, B = chunks.shape[0], chunks.chunks[0]
+    dim = embedding_dim(config.embed.bert_model)
+    arrays.create(embeddings_path(w), (n, dim), config.embed.store_dtype, B, compressed=False, fill_value=0.0)
+    from .db import gpt_spec
+
+    gpt = gpt_spec(config)
+    prefixes = tuple(config.chunk.data.prefixes)
+    batch = runner.embed_batch_size
+    result = runner.run_blocks(
+        "embed", -(-n // B),
+        lambda b: dask.delayed(embed_block_task, pure=False)(w, config.embed, gpt, prefixes, b, batch),
+        desc="embed", unit="chunks",
+    )
+    from .workdir import mark_stage_done
+
+    mark_stage_done(w, "embed", {"n_chunks": n, "dim": dim})
+    seconds = time.perf_counter() - t0
+    model_s = result.total("model_seconds")
+    return runner.write_stats(
+        "embed", result, seconds, n_chunks=n, dim=dim, embed_dtype=config.embed.embed_dtype,
+        chunks_per_s=round(result.total("n_rows") / max(result.seconds, 1e-9), 2),
+        model_seconds_total=round(model_s, 2), tokenize_seconds_total=round(result.total("tokenize_seconds"), 2),
+        wordpieces=int(result.total("n_wordpieces")),
+    )

@@ -1,0 +1,495 @@
+"""index-train and index-add: a Faiss index built block-parallel and merged by a reduction.
+
+index-train reads the embeddings of the rows in ``db/sampled.zarr``, trains the
+planned index (``index_plan.py``) with every core of the worker that runs it
+(and the GPU for clustering when faiss-gpu and a CUDA device are there), and
+writes ``W/index/<tag>/trained.faissindex``.
+
+index-add encodes each block of ``db/embeddings.zarr`` against the trained index
+inside the workers (``sa_encode``: coarse assignment and codes) into a *partial*:
+the block's entries grouped by inverted list, ids = chunks.zarr row ids, saved
+as a folder of ``.npy`` files under ``W/index/<tag>/partials/``. A tree
+reduction merges partials, level by level, keeping row order inside every list,
+until few enough remain; the last step streams them, list by list, into the
+final index's inverted lists: in memory (``added.faissindex``) or, with
+``--index-on-disk``, Faiss on-disk inverted lists (``added.faissindex`` +
+``added.ivfdata``, opened with ``IO_FLAG_ONDISK_SAME_DIR`` so the workdir can
+move). Because every list ends up holding its entries in row order, the result
+is the index a single-process ``add`` of all embeddings in row order makes.
+
+Indexes without inverted lists whose codes can be appended (``Flat``, ``PQ``,
+``SQ8``...) take the same path with one list.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import arrays
+from .errors import InputError
+from .faiss_util import faiss, has_gpu
+from .runner import block_record, worker_threads
+from .workdir import (
+    Ledger,
+    added_index_path,
+    added_ivfdata_path,
+    atomic_path,
+    embeddings_path,
+    file_record,
+    index_dir,
+    index_partials_dir,
+    mark_stage_done,
+    read_json,
+    sampled_path,
+    stage_done,
+    trained_index_path,
+    write_error,
+)
+
+# Partials merged by one reduction task hold at most this many bytes, and the
+# final assembly streams at most FINAL_FAN_IN partials.
+MERGE_BUDGET = 1 << 30
+FINAL_FAN_IN = 64
+
+
+# ---------------------------------------------------------------- index structure
+
+
+def ivf_of(index):
+    """The IndexIVF inside ``index`` (through pre-transforms), or None."""
+    try:
+        return faiss().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def innermost(index):
+    """The codes-holding index under any IndexPreTransform chain."""
+    f = faiss()
+    index = f.downcast_index(index)
+    while isinstance(index, f.IndexPreTransform):
+        index = f.downcast_index(index.index)
+    return index
+
+
+def check_supported(index, factory: str) -> None:
+    """index-add merges inverted lists or appends flat codes; refuse anything else."""
+    f = faiss()
+    if ivf_of(index) is not None:
+        return
+    inner = innermost(index)
+    if isinstance(inner, f.IndexFlatCodes):
+        return
+    raise InputError(
+        f"index {factory!r} ({type(inner).__name__}) cannot be built block by block: index-add merges inverted "
+        "lists (IVF indexes) or appends codes (Flat, PQ, SQ). Use an IVF index, e.g. IVF1024,Flat or "
+        "OPQ32_128,IVF4096_HNSW32,PQ32, or --index-str auto"
+    )
+
+
+def read_index_file(path: str | Path, mmap: bool = False):
+    f = faiss()
+    flags = 0
+    if Path(path).with_suffix(".ivfdata").exists():
+        flags |= f.IO_FLAG_ONDISK_SAME_DIR
+    elif mmap:
+        flags |= f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY
+    return f.read_index(str(path), flags)
+
+
+def write_index_atomic(index, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        faiss().write_index(index, str(tmp))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_index(path: str, mtime_ns: int, size: int, mmap: bool):
+    return read_index_file(path, mmap=mmap)
+
+
+def load_index(path: str | Path, mmap: bool = False):
+    """This process's copy of the index file (read once per worker, memory-mapped if asked)."""
+    st = os.stat(path)
+    return _cached_index(str(path), st.st_mtime_ns, st.st_size, mmap)
+
+
+def index_tag(workdir: str) -> str:
+    """The tag of the index planned for this workdir (recorded by index-train)."""
+    info = stage_done(workdir, "index-train")
+    if not info:
+        raise InputError(f"{workdir} has no trained index: run --tasks index-train first")
+    return info["tag"]
+
+
+# ---------------------------------------------------------------- training
+
+
+def gather_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
+    """Rows of a 2-D Zarr array (sorted ids), read one block at a time."""
+    arr = arrays.open_read(path)
+    B = arr.chunks[0]
+    out = np.empty((len(rows), arr.shape[1]), dtype=np.float32)
+    blocks = rows // B
+    for b in np.unique(blocks):
+        sel = np.flatnonzero(blocks == b)
+        data = arr[b * B : (b + 1) * B]
+        out[sel] = data[rows[sel] - b * B]
+    return out
+
+
+def train_task(workdir: str, tag: str, factory: str, threads: int) -> dict[str, Any]:
+    f = faiss()
+    t0 = time.perf_counter()
+    rows = arrays.open_read(sampled_path(workdir))[:]
+    x = gather_rows(embeddings_path(workdir), np.asarray(rows, np.int64))
+    t_read = time.perf_counter()
+    index = f.index_factory(x.shape[1], factory)
+    previous = f.omp_get_max_threads()
+    f.omp_set_num_threads(threads)
+    used_gpu = False
+    try:
+        ivf = ivf_of(index)
+        if ivf is not None and has_gpu():
+            # Clustering (the costly part of training) on every GPU of this worker.
+            ivf.clustering_index = f.index_cpu_to_all_gpus(f.IndexFlatL2(ivf.d))
+            used_gpu = True
+        index.train(x)
+    finally:
+        f.omp_set_num_threads(previous)
+    if ivf is not None:
+        ivf.clustering_index = None
+    t_train = time.perf_counter()
+    path = trained_index_path(workdir, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_index_atomic(index, path)
+    return {"n_train": int(len(x)), "read_seconds": round(t_read - t0, 3),
+            "train_seconds": round(t_train - t_read, 3), "gpu": used_gpu, "bytes": path.stat().st_size}
+
+
+def train_index(runner, config, log=print) -> dict[str, Any]:
+    """index-train: train the planned index on the sampled embeddings (skipped if done)."""
+    import dask
+
+    from .build import index_plan_for
+    from .index_plan import training_problem
+
+    w = runner.workdir
+    t0 = time.perf_counter()
+    n_chunks = arrays.open_read(embeddings_path(w)).shape[0]
+    if not stage_done(w, "embed"):
+        raise InputError(f"{w}: embeddings are not complete; run --tasks embed first")
+    plan = index_plan_for(config, n_chunks)
+    n_sampled = arrays.open_read(sampled_path(w)).shape[0]
+    plan_check = plan.__class__(plan.factory, plan.core, plan.metric, plan.nlist, n_sampled)
+    problem = training_problem(plan_check, n_chunks)
+    if problem:
+        raise InputError(problem)
+    path = trained_index_path(w, plan.tag)
+    done = stage_done(w, "index-train")
+    if done and done.get("factory") == plan.factory and path.exists() and path.stat().st_size == done.get("bytes"):
+        log(f"[index-train] {plan.factory} already trained: skipped")
+        return runner.write_stats("index-train", None, time.perf_counter() - t0, skipped=True, factory=plan.factory,
+                                  tag=plan.tag)
+    threads = os.cpu_count() or 1
+    log(f"[index-train] training {plan.factory} on {n_sampled} chunks with {threads} threads")
+    result = runner.compute_one(dask.delayed(train_task, pure=False)(w, plan.tag, plan.factory, threads))
+    mark_stage_done(w, "index-train", {"tag": plan.tag, "factory": plan.factory, "nlist": plan.nlist,
+                                       "bytes": path.stat().st_size, "n_train": n_sampled})
+    # A new trained index invalidates any partial or final index of an earlier one.
+    for stage in list_stages(w, "index-"):
+        if stage != "index-train":
+            Ledger(w, stage).clear()
+    from .workdir import clear_stage_done
+
+    clear_stage_done(w, "index-add")
+    return runner.write_stats("index-train", None, time.perf_counter() - t0, factory=plan.factory, tag=plan.tag,
+                              **result)
+
+
+def list_stages(workdir: str, prefix: str) -> list[str]:
+    from .workdir import state_dir
+
+    folder = state_dir(workdir) / "blocks"
+    return [p.name for p in folder.glob(f"{prefix}*")] if folder.exists() else []
+
+
+# ---------------------------------------------------------------- partials
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """What a partial's entries look like for one trained index."""
+
+    nlist: int            # 1 for indexes without inverted lists
+    code_size: int        # bytes per entry, list number excluded
+    coarse_size: int      # bytes of the list number at the head of an sa code
+
+    @classmethod
+    def of(cls, index) -> "IndexLayout":
+        ivf = ivf_of(index)
+        if ivf is not None:
+            return cls(int(ivf.nlist), int(ivf.code_size), int(ivf.coarse_code_size()))
+        return cls(1, int(index.sa_code_size()), 0)
+
+
+def split_codes(layout: IndexLayout, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sa codes -> (list number per entry, codes without the list number)."""
+    n = len(codes)
+    if layout.coarse_size == 0:
+        return np.zeros(n, np.int64), codes
+    head = codes[:, : layout.coarse_size].astype(np.int64)
+    lists = np.zeros(n, np.int64)
+    for byte in range(layout.coarse_size):  # little-endian, as Faiss's encode_listno writes it
+        lists |= head[:, byte] << (8 * byte)
+    return lists, np.ascontiguousarray(codes[:, layout.coarse_size :])
+
+
+@dataclass
+class Partial:
+    """Entries grouped by inverted list, row order kept inside each list."""
+
+    lists: np.ndarray   # int64 [m]: the non-empty lists, ascending
+    counts: np.ndarray  # int64 [m]: entries per list
+    ids: np.ndarray     # int64 [n]
+    codes: np.ndarray   # uint8 [n, code_size]
+
+    @classmethod
+    def from_entries(cls, list_no: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> "Partial":
+        order = np.argsort(list_no, kind="stable")
+        lists, counts = np.unique(list_no[order], return_counts=True)
+        return cls(lists.astype(np.int64), counts.astype(np.int64), ids[order], codes[order])
+
+    @classmethod
+    def merge(cls, parts: Sequence["Partial"]) -> "Partial":
+        """Merge partials given in row order: each list keeps the earlier partial's entries first."""
+        list_no = np.concatenate([np.repeat(p.lists, p.counts) for p in parts])
+        ids = np.concatenate([p.ids for p in parts])
+        codes = np.concatenate([p.codes for p in parts])
+        return cls.from_entries(list_no, ids, codes)
+
+    def save(self, folder: Path) -> None:
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            for name in ("lists", "counts", "ids", "codes"):
+                np.save(tmp / f"{name}.npy", getattr(self, name), allow_pickle=False)
+
+    @classmethod
+    def load(cls, folder: Path, mmap: bool = False) -> "Partial":
+        mode = "r" if mmap else None
+        return cls(*(np.load(folder / f"{n}.npy", mmap_mode=mode, allow_pickle=False)
+                     for n in ("lists", "counts", "ids", "codes")))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.codes.nbytes)
+
+
+def partial_folder(workdir: str, tag: str, level: int, number: int) -> Path:
+    return index_partials_dir(workdir, tag) / f"L{level}" / f"{number:08d}"
+
+
+def folder_record(workdir: str, folder: Path) -> dict[str, int]:
+    files: dict[str, int] = {}
+    for p in sorted(folder.iterdir()):
+        files.update(file_record(workdir, p))
+    return files
+
+
+def encode_block_task(workdir: str, tag: str, block: int) -> dict[str, Any]:
+    """Encode one block of embeddings against the trained index into a partial."""
+    from . import faults
+
+    f = faiss()
+    t0 = time.perf_counter()
+    index = load_index(trained_index_path(workdir, tag))
+    layout = IndexLayout.of(index)
+    emb = arrays.open_read(embeddings_path(workdir))
+    B = emb.chunks[0]
+    x = np.ascontiguousarray(emb[block * B : (block + 1) * B], dtype=np.float32)
+    f.omp_set_num_threads(worker_threads())
+    t_read = time.perf_counter()
+    lists, codes = split_codes(layout, index.sa_encode(x))
+    ids = np.arange(block * B, block * B + len(x), dtype=np.int64)
+    partial = Partial.from_entries(lists, ids, codes)
+    t_enc = time.perf_counter()
+    faults.before_block(workdir, "index-add", block)
+    folder = partial_folder(workdir, tag, 0, block)
+    partial.save(folder)
+    record = block_record(len(x), t0, read_seconds=round(t_read - t0, 4), encode_seconds=round(t_enc - t_read, 4),
+                          bytes=partial.nbytes)
+    record["files"] = folder_record(workdir, folder)
+    Ledger(workdir, "index-add").write(block, record)
+    return {"block": block, **record}
+
+
+def merge_task(workdir: str, tag: str, level: int, number: int, inputs: Sequence[int]) -> dict[str, Any]:
+    """Merge partials ``inputs`` of ``level`` into partial ``number`` of ``level + 1``."""
+    t0 = time.perf_counter()
+    parts = [Partial.load(partial_folder(workdir, tag, level, i)) for i in inputs]
+    merged = Partial.merge(parts)
+    folder = partial_folder(workdir, tag, level + 1, number)
+    merged.save(folder)
+    record = block_record(len(merged.ids), t0, bytes=merged.nbytes, inputs=list(map(int, inputs)))
+    record["files"] = folder_record(workdir, folder)
+    Ledger(workdir, f"index-merge-L{level + 1}").write(number, record)
+    return {"block": number, **record}
+
+
+def reduction_levels(n_partials: int, partial_bytes: float, budget: int = MERGE_BUDGET,
+                     final_fan_in: int = FINAL_FAN_IN) -> list[int]:
+    """Fan-in of each merge level until at most ``final_fan_in`` partials remain.
+
+    Each level merges as many partials as the memory budget of one task allows
+    (at least 2), but no more than needed to get under ``final_fan_in``.
+    """
+    fans = []
+    n, size = n_partials, max(partial_bytes, 1.0)
+    while n > final_fan_in:
+        fan = max(2, min(int(budget // size), math.ceil(n / final_fan_in)))
+        fans.append(fan)
+        n = math.ceil(n / fan)
+        size *= fan
+    return fans
+
+
+# ---------------------------------------------------------------- final assembly
+
+
+def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk: bool) -> dict[str, Any]:
+    """Stream the last partials into the trained index's inverted lists; write added.faissindex."""
+    f = faiss()
+    t0 = time.perf_counter()
+    index = read_index_file(trained_index_path(workdir, tag))
+    layout = IndexLayout.of(index)
+    ivf = ivf_of(index)
+    parts = [Partial.load(partial_folder(workdir, tag, level, i), mmap=True) for i in numbers]
+    ntotal = int(sum(len(p.ids) for p in parts))
+    final = added_index_path(workdir, tag)
+    ivfdata = added_ivfdata_path(workdir, tag)
+    with atomic_path(index_dir(workdir, tag) / "assemble") as tmp:
+        tmp.mkdir()
+        if ivf is None:
+            if on_disk:
+                raise InputError("--index-on-disk needs an IVF index (inverted lists live on disk)")
+            inner = innermost(index)
+            for p in parts:
+                codes = np.ascontiguousarray(p.codes)
+                inner.add_sa_codes(len(codes), f.swig_ptr(codes), None)
+        elif on_disk:
+            sizes = np.zeros(layout.nlist, dtype=np.uint64)
+            for p in parts:
+                sizes[np.asarray(p.lists)] += np.asarray(p.counts, dtype=np.uint64)
+            invlists = f.OnDiskInvertedLists(layout.nlist, layout.code_size, str(tmp / ivfdata.name))
+            invlists.update_totsize(max(int(sizes.sum()) * (layout.code_size + 8), 1))
+            invlists.set_all_lists_sizes(f.swig_ptr(sizes))
+            filled = np.zeros(layout.nlist, dtype=np.int64)
+            for p in parts:
+                _fill(invlists, p, filled, update=True)
+            ivf.replace_invlists(invlists, True)
+            invlists.this.disown()
+        else:
+            invlists = ivf.invlists
+            for p in parts:
+                _fill(invlists, p, None, update=False)
+        _set_ntotal(index, ntotal)
+        f.write_index(index, str(tmp / final.name))
+        del index
+        if on_disk:
+            os.replace(tmp / ivfdata.name, ivfdata)
+        os.replace(tmp / final.name, final)
+    return {"ntotal": ntotal, "seconds": round(time.perf_counter() - t0, 3), "files": {
+        **file_record(workdir, final), **(file_record(workdir, ivfdata) if on_disk else {})}}
+
+
+def _fill(invlists, p: Partial, filled, update: bool) -> None:
+    f = faiss()
+    ids = np.asarray(p.ids)
+    codes = np.asarray(p.codes)
+    ends = np.cumsum(p.counts)
+    for l, n, end in zip(np.asarray(p.lists).tolist(), np.asarray(p.counts).tolist(), ends.tolist()):
+        lo = end - n
+        id_ptr = f.swig_ptr(np.ascontiguousarray(ids[lo:end]))
+        code_ptr = f.swig_ptr(np.ascontiguousarray(codes[lo:end]))
+        if update:
+            invlists.update_entries(l, int(filled[l]), n, id_ptr, code_ptr)
+            filled[l] += n
+        else:
+            invlists.add_entries(l, n, id_ptr, code_ptr)
+
+
+def _set_ntotal(index, ntotal: int) -> None:
+    f = faiss()
+    node = f.downcast_index(index)
+    chain = [node]
+    while isinstance(node, f.IndexPreTransform):
+        node = f.downcast_index(node.index)
+        chain.append(node)
+    for n in chain:
+        n.ntotal = ntotal
+
+
+def add_to_index(runner, config, log=print) -> dict[str, Any]:
+    """index-add: encode every block, merge the partials, assemble the final index."""
+    import dask
+
+    w = runner.workdir
+    t0 = time.perf_counter()
+    tag = index_tag(w)
+    trained = trained_index_path(w, tag)
+    emb = arrays.open_read(embeddings_path(w))
+    n, B = emb.shape[0], emb.chunks[0]
+    n_blk = -(-n // B)
+    on_disk = config.index.on_disk
+    done = stage_done(w, "index-add")
+    final = added_index_path(w, tag)
+    from .workdir import files_match
+
+    if done and done.get("tag") == tag and files_match(w, done.get("files", {})):
+        log(f"[index-add] {final} already built: skipped")
+        return runner.write_stats("index-add", None, time.perf_counter() - t0, skipped=True, ntotal=done["ntotal"])
+    encode = runner.run_blocks(
+        "index-add", n_blk, lambda b: dask.delayed(encode_block_task, pure=False)(w, tag, b),
+        desc="index-add: encode", unit="chunks",
+    )
+    t_encode = time.perf_counter()
+    # Reduction: merge levels sized by the partials' bytes, then the final assembly.
+    rec0 = Ledger(w, "index-add").read(0) or {}
+    bytes_per_block = float(rec0.get("bytes", B * 64))
+    numbers = list(range(n_blk))
+    level = 0
+    for fan in reduction_levels(n_blk, bytes_per_block):
+        groups = [numbers[i : i + fan] for i in range(0, len(numbers), fan)]
+        runner.run_blocks(
+            f"index-merge-L{level + 1}", len(groups),
+            lambda g, lvl=level, grp=groups: dask.delayed(merge_task, pure=False)(w, tag, lvl, g, grp[g]),
+            desc=f"index-add: merge level {level + 1}", unit="chunks",
+        )
+        numbers = list(range(len(groups)))
+        level += 1
+    t_merge = time.perf_counter()
+    log(f"[index-add] assembling {final.name} from {len(numbers)} partials" + (" (on disk)" if on_disk else ""))
+    result = runner.compute_one(dask.delayed(assemble, pure=False)(w, tag, level, numbers, on_disk))
+    if result["ntotal"] != n:
+        raise RuntimeError(f"assembled index holds {result['ntotal']} entries, expected {n}")
+    mark_stage_done(w, "index-add", {"tag": tag, "ntotal": n, "files": result["files"], "on_disk": on_disk})
+    # Partials are no longer needed once the final index is in place.
+    shutil.rmtree(index_partials_dir(w, tag), ignore_errors=True)
+    for stage in list_stages(w, "index-merge-"):
+        Ledger(w, stage).clear()
+    Ledger(w, "index-add").clear()
+    seconds = time.perf_counter() - t0
+    return runner.write_stats(
+        "index-add", encode, seconds, ntotal=n, tag=tag, on_disk=on_disk,
+        encode_seconds=round(t_encode - t0, 3), merge_seconds=round(t_merge - t_encode, 3),
+        assemble_seconds=result["seconds"], merge_levels=level,
+        chunks_per_s=round(n / max(seconds, 1e-9), 1),
+    )

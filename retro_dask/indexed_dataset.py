@@ -1,0 +1,756 @@
+"""Read and write Megatron indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``).
+
+An indexed dataset is the token store that Megatron-LM and RETRO train from.
+It is a pair of files that share a prefix (the prefix is written without
+extension):
+
+``PREFIX.bin``
+    every sequence's tokens, concatenated, in the dataset's dtype
+    (little-endian).
+
+``PREFIX.idx`` (little-endian)
+    ========================  ===========================================
+    ``9s``                    magic ``b"MMIDIDX\\x00\\x00"``
+    ``<Q``                    version, always 1
+    ``<B``                    dtype code (see :data:`DTYPE_CODES`)
+    ``<Q``                    sequence count ``N``
+    ``<Q``                    document count ``D`` (documents + 1)
+    ``int32[N]``              sequence lengths, in tokens
+    ``int64[N]``              sequence pointers, byte offsets into ``.bin``
+    ``int64[D]``              document indices: sequence number at which
+                              each document starts, from 0 up to ``N``
+    ========================  ===========================================
+
+For RETRO one sequence is one document, so the writer here always writes
+``document_indices == arange(N + 1)``; the reader accepts any valid layout.
+
+:class:`IndexedDataset` memory-maps an existing pair and validates it (every
+problem is an :class:`~retro_dask.errors.InputError` that names the file, the
+problem, the value found and a fix). :class:`IndexedDatasetWriter` streams a
+new pair to disk under temporary names and moves it into place only when it
+is complete, so readers never see a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from retro_dask.errors import InputError
+
+__all__ = [
+    "DTYPE_CODES",
+    "HEADER_SIZE",
+    "MAGIC",
+    "VERSION",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "best_token_dtype",
+    "data_path",
+    "dtype_code",
+    "exists",
+    "index_path",
+    "write_indexed_dataset",
+]
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+
+#: dtype code stored in the ``.idx`` header -> numpy dtype (Megatron's table).
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
+}
+
+_HEADER = struct.Struct("<9sQBQQ")
+#: Bytes before the sequence lengths: magic, version, dtype code, N, D.
+HEADER_SIZE = _HEADER.size  # 34
+
+# Megatron switches to int32 tokens a little below 2**16, not at it; keep
+# the same threshold so our files match what Megatron's preprocessing writes.
+_UINT16_VOCAB_LIMIT = 65500
+
+# Validation and index writing walk the arrays in pieces of this many
+# elements so that memory stays bounded however many sequences there are.
+_CHUNK = 1 << 20
+# Bytes copied at a time when add_index streams another dataset's .bin.
+_COPY_BYTES = 16 << 20
+
+_MAX_SEQUENCE_LENGTH = int(np.iinfo(np.int32).max)
+
+_REBUILD = (
+    "rebuild the dataset (re-run `retro-dask preprocess`, or the tool that "
+    "wrote it); the .bin and .idx must come from the same run"
+)
+
+
+def _little(dtype: np.dtype) -> np.dtype:
+    """The on-disk (little-endian) form of ``dtype``."""
+    return dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+
+
+def _dtype_names() -> str:
+    return ", ".join(f"{code} {dt.name}" for code, dt in DTYPE_CODES.items())
+
+
+def dtype_code(dtype: Any) -> int:
+    """Return the ``.idx`` dtype code for ``dtype`` (anything ``np.dtype`` accepts).
+
+    Byte order is ignored: files are always little-endian.
+
+    Raises:
+        InputError: the dtype has no code in the format.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise InputError(
+            f"{dtype!r} is not a numpy dtype; indexed datasets store one of: "
+            f"{_dtype_names()}"
+        ) from exc
+    for code, known in DTYPE_CODES.items():
+        if _little(dt) == _little(known):
+            return code
+    raise InputError(
+        f"dtype {dt} cannot be stored in a Megatron indexed dataset; use one "
+        f"of: {_dtype_names()} (for tokens, best_token_dtype(vocab_size) "
+        f"picks uint16 or int32)"
+    )
+
+
+def best_token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest dtype Megatron uses for tokens of a vocabulary this size.
+
+    ``uint16`` when ``vocab_size < 65500``, else ``int32`` (Megatron's rule).
+    """
+    size = operator.index(vocab_size)
+    if size < 1:
+        raise InputError(
+            f"vocabulary size {size} is not positive; pass the tokenizer's "
+            f"vocabulary size (e.g. len(tokenizer))"
+        )
+    return np.dtype(np.uint16) if size < _UINT16_VOCAB_LIMIT else np.dtype(np.int32)
+
+
+def _prefix_str(prefix: str | os.PathLike) -> str:
+    path = os.fspath(prefix)
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def index_path(prefix: str | os.PathLike) -> str:
+    """``PREFIX.idx``."""
+    return _prefix_str(prefix) + ".idx"
+
+
+def data_path(prefix: str | os.PathLike) -> str:
+    """``PREFIX.bin``."""
+    return _prefix_str(prefix) + ".bin"
+
+
+def exists(prefix: str | os.PathLike) -> bool:
+    """Whether both ``PREFIX.bin`` and ``PREFIX.idx`` exist as files.
+
+    This does not validate their contents; open an :class:`IndexedDataset`
+    for that.
+    """
+    return os.path.isfile(data_path(prefix)) and os.path.isfile(index_path(prefix))
+
+
+def _extension_hint(prefix: str) -> str:
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext):
+            return (
+                f" Note: the prefix {prefix!r} ends in {ext!r}; an indexed "
+                f"dataset's prefix is given without extension, so pass "
+                f"{prefix[: -len(ext)]!r}."
+            )
+    return ""
+
+
+def _bad(path: str, problem: str, fix: str = _REBUILD, prefix: str = "") -> InputError:
+    return InputError(f"{path}: {problem}; {fix}.{_extension_hint(prefix)}")
+
+
+def _map(path: str, size: int) -> np.ndarray:
+    """Memory-map ``path`` read-only as bytes (mmap cannot map an empty file)."""
+    if size == 0:
+        empty = np.empty(0, dtype=np.uint8)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
+
+
+class IndexedDataset:
+    """A Megatron indexed dataset opened read-only from ``PREFIX.bin``/``PREFIX.idx``.
+
+    Both files are memory-mapped; nothing is read into memory until a
+    sequence is indexed, and :attr:`sizes`, :attr:`pointers` and
+    :attr:`document_indices` are views into the ``.idx`` map.
+
+    Opening validates the pair (header, file sizes, pointers against sizes,
+    document indices) in bounded memory and raises
+    :class:`~retro_dask.errors.InputError` on the first problem.
+
+    The object pickles as its prefix only, so it is cheap to send to Dask
+    workers, which re-open the maps (with the O(1) checks only: the full
+    scan already ran where the object was first opened).
+
+    Attributes:
+        prefix: the path without ``.bin``/``.idx``.
+        dtype: token dtype (native byte order).
+        sizes: ``int32[N]`` sequence lengths in tokens.
+        pointers: ``int64[N]`` byte offsets of the sequences in ``.bin``.
+        document_indices: ``int64[D]`` first sequence of each document, then ``N``.
+    """
+
+    prefix: str
+    dtype: np.dtype
+    sizes: np.ndarray
+    pointers: np.ndarray
+    document_indices: np.ndarray
+
+    def __init__(self, prefix: str | os.PathLike) -> None:
+        self._open(_prefix_str(prefix), full_check=True)
+
+    # -- opening and validation ---------------------------------------------
+
+    def _bad(self, path: str, problem: str, fix: str = _REBUILD) -> InputError:
+        return _bad(path, problem, fix, self.prefix)
+
+    def _open(self, prefix: str, full_check: bool) -> None:
+        self.prefix = prefix
+        idx, bin_ = index_path(prefix), data_path(prefix)
+        missing = [p for p in (bin_, idx) if not os.path.isfile(p)]
+        if missing:
+            found = [p for p in (bin_, idx) if p not in missing]
+            have = f" (found {found[0]})" if found else ""
+            raise InputError(
+                f"indexed dataset {prefix!r} is incomplete: "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                f"missing{have}. An indexed dataset needs both PREFIX.bin and "
+                f"PREFIX.idx, with PREFIX given without extension; check the "
+                f"path, or write the dataset with `retro-dask preprocess`."
+                + _extension_hint(prefix)
+            )
+
+        idx_bytes = os.path.getsize(idx)
+        with open(idx, "rb") as f:
+            head = f.read(HEADER_SIZE)
+        # A file cut short inside the magic is truncated, not foreign.
+        if head[: len(MAGIC)] != MAGIC[: len(head)]:
+            raise self._bad(
+                idx,
+                f"not a Megatron indexed-dataset index: the file starts with "
+                f"{head[: len(MAGIC)]!r}, expected the magic {MAGIC!r}",
+                "pass the prefix of a Megatron .idx/.bin pair, or rebuild it "
+                "with `retro-dask preprocess`",
+            )
+        if len(head) < HEADER_SIZE:
+            raise self._bad(
+                idx,
+                f"truncated: the file is {idx_bytes} bytes, shorter than the "
+                f"{HEADER_SIZE}-byte header",
+            )
+        _, version, code, n, d = _HEADER.unpack(head)
+        if version != VERSION:
+            raise self._bad(
+                idx,
+                f"unknown index version {version} (this reader knows version "
+                f"{VERSION})",
+                "write the dataset with Megatron's MMIDIDX version 1 format "
+                "(`retro-dask preprocess` does)",
+            )
+        if code not in DTYPE_CODES:
+            raise self._bad(
+                idx,
+                f"unknown dtype code {code} in the header (known codes: "
+                f"{_dtype_names()})",
+            )
+        expected_idx = HEADER_SIZE + 4 * n + 8 * n + 8 * d
+        if idx_bytes < expected_idx:
+            raise self._bad(
+                idx,
+                f"truncated: the header describes {n} sequences and {d} "
+                f"document indices, which need {expected_idx} bytes, but the "
+                f"file is {idx_bytes} bytes",
+            )
+        # Trailing bytes are allowed: Megatron's multimodal variant appends
+        # per-sequence modes after the document indices.
+
+        self.dtype = DTYPE_CODES[code]
+        disk = _little(self.dtype)
+        self._idx_map = _map(idx, idx_bytes)
+        offset = HEADER_SIZE
+        self.sizes = np.frombuffer(self._idx_map, dtype="<i4", count=n, offset=offset)
+        offset += 4 * n
+        self.pointers = np.frombuffer(self._idx_map, dtype="<i8", count=n, offset=offset)
+        offset += 8 * n
+        self.document_indices = np.frombuffer(
+            self._idx_map, dtype="<i8", count=d, offset=offset
+        )
+
+        if full_check:
+            bin_needed = self._check_pointers(idx, disk.itemsize)
+            self._check_document_indices(idx)
+        elif n:
+            bin_needed = int(self.pointers[-1]) + int(self.sizes[-1]) * disk.itemsize
+        else:
+            bin_needed = 0
+
+        bin_bytes = os.path.getsize(bin_)
+        if bin_bytes != bin_needed:
+            relation = "shorter than" if bin_bytes < bin_needed else "longer than"
+            raise self._bad(
+                bin_,
+                f"the file is {bin_bytes} bytes, {relation} the {bin_needed} "
+                f"bytes that {idx} describes ({n} sequences of {self.dtype} "
+                f"tokens)",
+            )
+        self._n_tokens = bin_needed // disk.itemsize
+        self._bin_map = _map(bin_, bin_bytes)
+        self._tokens = np.frombuffer(self._bin_map, dtype=disk)
+
+    def _check_pointers(self, idx: str, itemsize: int) -> int:
+        """Check sizes >= 0 and pointers == running byte sum; return the .bin size."""
+        n = len(self.sizes)
+        expected_next = 0
+        for start in range(0, n, _CHUNK):
+            sizes = self.sizes[start : start + _CHUNK]
+            negative = np.flatnonzero(sizes < 0)
+            if negative.size:
+                i = start + int(negative[0])
+                raise self._bad(idx, f"sequence {i} has a negative length {int(self.sizes[i])}")
+            nbytes = sizes.astype(np.int64) * itemsize
+            expected = np.empty_like(nbytes)
+            expected[0] = expected_next
+            np.cumsum(nbytes[:-1], out=expected[1:])
+            expected[1:] += expected_next
+            wrong = np.flatnonzero(self.pointers[start : start + _CHUNK] != expected)
+            if wrong.size:
+                j = int(wrong[0])
+                raise self._bad(
+                    idx,
+                    f"pointers are inconsistent with sizes: sequence {start + j} "
+                    f"points at byte {int(self.pointers[start + j])} but the "
+                    f"lengths before it add up to byte {int(expected[j])}",
+                )
+            expected_next = int(expected[-1]) + int(nbytes[-1])
+        return expected_next
+
+    def _check_document_indices(self, idx: str) -> None:
+        docs = self.document_indices
+        n = len(self.sizes)
+        if len(docs) == 0:
+            raise self._bad(
+                idx,
+                "the document count is 0; it must be at least 1 (the number "
+                "of documents + 1)",
+            )
+        if docs[0] != 0:
+            raise self._bad(idx, f"document indices start at {int(docs[0])}, not 0")
+        previous = 0
+        for start in range(0, len(docs), _CHUNK):
+            chunk = docs[start : start + _CHUNK]
+            steps = np.diff(chunk, prepend=previous)
+            down = np.flatnonzero(steps < 0)
+            if down.size:
+                k = start + int(down[0])
+                raise self._bad(
+                    idx,
+                    f"document indices decrease: index {k} is {int(docs[k])} "
+                    f"after {int(docs[k - 1])}; they must be non-decreasing",
+                )
+            previous = int(chunk[-1])
+        if previous != n:
+            raise self._bad(
+                idx,
+                f"document indices end at {previous}, but there are {n} "
+                f"sequences; the last index must equal the sequence count",
+            )
+
+    # -- access ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_tokens(self) -> int:
+        """Total tokens in the dataset (the sum of :attr:`sizes`)."""
+        return self._n_tokens
+
+    def _sequence(self, i: Any) -> int:
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(
+                f"sequence index must be an integer, not {type(i).__name__}"
+            ) from None
+        n = len(self.sizes)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(
+                f"sequence {i} is out of range: {self.prefix} has {n} sequences"
+            )
+        return j
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Sequence ``i`` (negative counts from the end), a read-only view of ``.bin``."""
+        return self.get(i)
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``offset:offset + length`` of sequence ``i``, as a view of ``.bin``.
+
+        Only those tokens are touched, so reading a chunk of a long document
+        does not page in the rest. ``length=None`` reads to the end.
+
+        Raises:
+            IndexError: ``i`` is out of range, or the span does not lie
+                inside the sequence.
+        """
+        j = self._sequence(i)
+        size = int(self.sizes[j])
+        offset = operator.index(offset)
+        if length is None:
+            length = size - offset
+        length = operator.index(length)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(
+                f"tokens {offset}:{offset + length} (offset={offset}, "
+                f"length={length}) are outside sequence {i} of {self.prefix}, "
+                f"which has {size} tokens; need 0 <= offset and "
+                f"offset + length <= {size}"
+            )
+        start = int(self.pointers[j]) // self._tokens.itemsize + offset
+        return self._tokens[start : start + length]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexedDataset({self.prefix!r}, dtype={self.dtype}, "
+            f"sequences={len(self)}, tokens={self.n_tokens})"
+        )
+
+    # -- pickling ----------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self._open(state["prefix"], full_check=False)
+
+
+class _GrowingArray:
+    """An append-only numpy buffer that doubles its capacity as it fills."""
+
+    def __init__(self, dtype: Any, capacity: int = 1024) -> None:
+        self._data = np.empty(capacity, dtype=dtype)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _reserve(self, extra: int) -> None:
+        need = self._n + extra
+        if need > len(self._data):
+            grown = np.empty(max(need, 2 * len(self._data)), dtype=self._data.dtype)
+            grown[: self._n] = self._data[: self._n]
+            self._data = grown
+
+    def append(self, value: int) -> None:
+        self._reserve(1)
+        self._data[self._n] = value
+        self._n += 1
+
+    def extend(self, values: np.ndarray, add: int = 0) -> None:
+        self._reserve(len(values))
+        out = self._data[self._n : self._n + len(values)]
+        out[:] = values
+        if add:
+            out += add
+        self._n += len(values)
+
+    def view(self) -> np.ndarray:
+        return self._data[: self._n]
+
+
+class IndexedDatasetWriter:
+    """Stream documents into a new ``PREFIX.bin``/``PREFIX.idx`` pair.
+
+    Tokens go straight to a temporary ``.bin`` file; only the sequence
+    lengths (4 bytes per document) are kept in memory. :meth:`finalize`
+    writes the ``.idx`` and moves both temporaries into place with
+    ``os.replace`` (``.bin`` first, then ``.idx``), so a complete ``.idx``
+    only ever appears next to its complete ``.bin``. :meth:`abort` removes
+    the temporaries.
+
+    Used as a context manager it finalizes on success and aborts if the
+    block raises::
+
+        with IndexedDatasetWriter("out/corpus", best_token_dtype(vocab)) as w:
+            for tokens in documents:
+                w.add_document(tokens)
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: Any) -> None:
+        self.prefix = _prefix_str(prefix)
+        hint = _extension_hint(self.prefix)
+        if hint:
+            raise InputError(
+                f"cannot write indexed dataset {self.prefix!r}: it would "
+                f"create {data_path(self.prefix)!r}.{hint}"
+            )
+        self._code = dtype_code(dtype)
+        self.dtype = DTYPE_CODES[self._code]
+        self._disk = _little(self.dtype)
+        self._sizes = _GrowingArray(np.int32)
+        # None while every document is exactly one sequence (always the case
+        # for RETRO); materialized only if add_index brings in a dataset with
+        # multi-sequence documents, to keep memory at 4 bytes per sequence.
+        self._documents: _GrowingArray | None = None
+        self._state = "open"
+
+        directory = os.path.dirname(os.path.abspath(self.prefix))
+        os.makedirs(directory, exist_ok=True)
+        # Unique names let several writers target one directory; opening
+        # with "xb" (not mkstemp) keeps the umask's permissions on the
+        # final files.
+        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._bin_tmp = data_path(self.prefix) + tag
+        self._idx_tmp = index_path(self.prefix) + tag
+        self._bin = open(self._bin_tmp, "xb")
+
+    def __len__(self) -> int:
+        """Sequences added so far."""
+        return len(self._sizes)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(
+                f"the writer for {self.prefix!r} is {self._state}; create a new "
+                f"IndexedDatasetWriter to write more"
+            )
+
+    def _convert(self, tokens: Any) -> np.ndarray:
+        """``tokens`` as a little-endian array of the dataset dtype, or InputError."""
+        where = f"document {len(self._sizes)} for {data_path(self.prefix)}"
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise InputError(
+                f"{where} has shape {arr.shape}; a document must be a 1-D "
+                f"sequence of token ids"
+            )
+        if arr.size == 0:
+            return np.empty(0, dtype=self._disk)
+        if len(arr) > _MAX_SEQUENCE_LENGTH:
+            raise InputError(
+                f"{where} has {len(arr)} tokens, more than the format's "
+                f"int32 sequence-length limit {_MAX_SEQUENCE_LENGTH}; split it "
+                f"into several documents"
+            )
+        kind = arr.dtype.kind
+        if kind == "O" and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr
+        ):
+            kind = "i"  # Python ints too large for int64 land here
+        if self.dtype.kind == "f":
+            if kind not in "iuf" or arr.dtype.kind == "O":
+                raise InputError(
+                    f"{where} has {arr.dtype} values; a {self.dtype} dataset "
+                    f"needs numbers"
+                )
+            out = arr.astype(self._disk)
+            overflow = np.flatnonzero(np.isfinite(arr) & ~np.isfinite(out))
+            if overflow.size:
+                k = int(overflow[0])
+                raise InputError(
+                    f"{where}: value {arr[k]} at position {k} overflows "
+                    f"{self.dtype}; use float64"
+                )
+            return out
+        if kind not in "iu":
+            raise InputError(
+                f"{where} has {arr.dtype} values, not integers; pass integer "
+                f"token ids (e.g. the tokenizer's output)"
+            )
+        info = np.iinfo(self.dtype)
+        bad = np.flatnonzero((arr < info.min) | (arr > info.max))
+        if bad.size:
+            k = int(bad[0])
+            raise InputError(
+                f"{where}: token {arr[k]} at position {k} does not fit dtype "
+                f"{self.dtype} (range {info.min}..{info.max}); write the "
+                f"dataset with a wider dtype, e.g. best_token_dtype(vocab_size) "
+                f"with the tokenizer's true vocabulary size, or int32."
+            )
+        return arr.astype(self._disk)
+
+    def add_document(self, tokens: Any) -> None:
+        """Append one document (one sequence) of token ids.
+
+        Raises:
+            InputError: ``tokens`` is not 1-D, not integers (for integer
+                dtypes), or holds a value outside the dtype's range; nothing
+                is written in that case.
+        """
+        self._check_open()
+        arr = self._convert(tokens)
+        self._write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        self._sizes.append(len(arr))
+        if self._documents is not None:
+            self._documents.append(len(self._sizes))
+
+    def _write(self, data: Any) -> None:
+        try:
+            self._bin.write(data)
+        except BaseException:
+            # A partial write leaves .bin out of step with the sizes.
+            self._state = "broken by a failed write"
+            raise
+
+    def add_index(self, other_prefix: str | os.PathLike) -> None:
+        """Append every document of the indexed dataset at ``other_prefix``.
+
+        The other ``.bin`` is streamed in pieces, so memory stays bounded;
+        this is how partial outputs are concatenated. Document boundaries
+        are kept.
+
+        Raises:
+            InputError: the other dataset is invalid, or its dtype differs.
+        """
+        self._check_open()
+        other = IndexedDataset(other_prefix)
+        if other.dtype != self.dtype:
+            raise InputError(
+                f"cannot append {data_path(other.prefix)}: its tokens are "
+                f"{other.dtype} but {self.prefix!r} is being written as "
+                f"{self.dtype}; write all parts with the same dtype "
+                f"(best_token_dtype of one vocabulary size)"
+            )
+        before = len(self._sizes)
+        n = len(other)
+        remaining = other.n_tokens * self._disk.itemsize
+        with open(data_path(other.prefix), "rb") as src:
+            while remaining:
+                piece = src.read(min(_COPY_BYTES, remaining))
+                if not piece:
+                    self._state = "broken by a failed copy"
+                    raise InputError(
+                        f"{data_path(other.prefix)} shrank while it was being "
+                        f"copied; make sure nothing rewrites it during the "
+                        f"concatenation and retry"
+                    )
+                self._write(piece)
+                remaining -= len(piece)
+
+        docs = other.document_indices
+        one_per_sequence = len(docs) == n + 1 and all(
+            np.array_equal(docs[s : s + _CHUNK], np.arange(s, min(s + _CHUNK, n + 1)))
+            for s in range(0, n + 1, _CHUNK)
+        )
+        if self._documents is None and not one_per_sequence:
+            self._documents = _GrowingArray(np.int64, capacity=before + len(docs))
+            self._documents.extend(np.arange(before + 1))
+        for s in range(0, n, _CHUNK):
+            self._sizes.extend(other.sizes[s : s + _CHUNK])
+        if self._documents is not None:
+            for s in range(1, len(docs), _CHUNK):
+                self._documents.extend(docs[s : s + _CHUNK], add=before)
+
+    def _write_index(self, f: Any) -> None:
+        sizes = self._sizes.view()
+        n = len(sizes)
+        d = n + 1 if self._documents is None else len(self._documents)
+        f.write(_HEADER.pack(MAGIC, VERSION, self._code, n, d))
+        for s in range(0, n, _CHUNK):
+            f.write(sizes[s : s + _CHUNK].astype("<i4", copy=False).tobytes())
+        itemsize = self._disk.itemsize
+        position = 0
+        for s in range(0, n, _CHUNK):
+            nbytes = sizes[s : s + _CHUNK].astype(np.int64) * itemsize
+            ends = np.cumsum(nbytes)
+            f.write((ends - nbytes + position).astype("<i8", copy=False).tobytes())
+            position += int(ends[-1])
+        if self._documents is None:
+            for s in range(0, n + 1, _CHUNK):
+                f.write(np.arange(s, min(s + _CHUNK, n + 1), dtype="<i8").tobytes())
+        else:
+            documents = self._documents.view()
+            for s in range(0, d, _CHUNK):
+                f.write(documents[s : s + _CHUNK].astype("<i8", copy=False).tobytes())
+
+    def finalize(self) -> None:
+        """Write ``.idx`` and move both files into place (``.bin`` first).
+
+        On failure the temporaries are removed and the error re-raised.
+        """
+        self._check_open()
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            with open(self._idx_tmp, "xb") as f:
+                self._write_index(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._bin_tmp, data_path(self.prefix))
+            os.replace(self._idx_tmp, index_path(self.prefix))
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "finalized"
+
+    def abort(self) -> None:
+        """Discard everything written; removes the temporary files. Idempotent."""
+        if self._state == "finalized":
+            return
+        self._bin.close()
+        for path in (self._bin_tmp, self._idx_tmp):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        self._state = "aborted"
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and self._state == "open":
+            self.finalize()
+        elif self._state != "finalized":
+            state = self._state
+            self.abort()
+            if exc_type is None and state.startswith("broken"):
+                # The block swallowed the write error; finishing silently
+                # would leave the caller believing the dataset exists.
+                raise RuntimeError(
+                    f"the writer for {self.prefix!r} was {state}; nothing "
+                    f"was written"
+                )
+
+
+def write_indexed_dataset(
+    prefix: str | os.PathLike, documents: Iterable[Any], dtype: Any
+) -> None:
+    """Write ``documents`` (an iterable of 1-D token arrays) to ``PREFIX.bin``/``.idx``.
+
+    Nothing appears at ``prefix`` unless every document was written.
+    """
+    with IndexedDatasetWriter(prefix, dtype) as writer:
+        for tokens in documents:
+            writer.add_document(tokens)

@@ -1,0 +1,230 @@
+"""The executor: runs a stage's block tasks on Dask, skipping finished blocks.
+
+A stage hands the runner a number of blocks and a function that builds the
+Dask task (a ``dask.delayed`` object) of one block. The runner checks the
+stage's ledger, submits only the missing blocks (a bounded number in flight,
+so a stage of a million blocks builds no million-task graph), shows a progress
+bar, and collects each block's record. Without a client it computes each block
+with Dask's synchronous scheduler in this process: the reference executor.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import dask
+
+from . import faults
+from .workdir import Ledger, atomic_write_json, stats_dir
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def task_identity() -> str:
+    """Which process ran a task: the Dask worker's address, or ``pid:N``."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid:{os.getpid()}"
+
+
+def worker_threads() -> int:
+    """Threads this task may use: the Dask worker's thread count, else every core."""
+    try:
+        from distributed import get_worker
+
+        return max(1, get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        return os.cpu_count() or 1
+
+
+@dataclass
+class StageResult:
+    stage: str
+    n_blocks: int
+    skipped: int
+    seconds: float
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def computed(self) -> int:
+        return self.n_blocks - self.skipped
+
+    def total(self, key: str) -> float:
+        return sum(float(r.get(key, 0) or 0) for r in self.records)
+
+    def worker_peak_rss(self) -> dict[str, float]:
+        peaks: dict[str, float] = {}
+        for r in self.records:
+            w = r.get("worker")
+            if w is not None:
+                peaks[w] = max(peaks.get(w, 0.0), float(r.get("rss_mb", 0.0)))
+        return peaks
+
+
+class Runner:
+    """Runs tasks for one build: on a Dask client, or synchronously without one."""
+
+    def __init__(self, workdir: str, client=None, progress: bool = True, log=print,
+                 embed_batch_size: int | None = None):
+        self.workdir = str(workdir)
+        self.embed_batch_size = embed_batch_size
+        self.client = client
+        self.progress = progress
+        self.log = log
+        self.stage_stats: dict[str, dict[str, Any]] = {}
+
+    # -- cluster facts
+
+    @property
+    def n_workers(self) -> int:
+        if self.client is None:
+            return 1
+        return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+
+    def max_in_flight(self) -> int:
+        return max(8, 4 * self.n_workers)
+
+    # -- running
+
+    def compute_one(self, obj):
+        """Compute one delayed object (on a worker when there is a client)."""
+        if self.client is None:
+            return dask.compute(obj, scheduler="synchronous")[0]
+        return self.client.compute(obj).result()
+
+    def map_ordered(self, tasks):
+        """Compute an iterable of delayed objects; yield results in order, few in flight."""
+        if self.client is None:
+            for t in tasks:
+                yield dask.compute(t, scheduler="synchronous")[0]
+            return
+        from collections import deque
+
+        window: deque = deque()
+        for t in tasks:
+            window.append(self.client.compute(t))
+            if len(window) >= self.max_in_flight():
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    def run_blocks(
+        self,
+        stage: str,
+        n_blocks: int,
+        make_task: Callable[[int], Any],
+        *,
+        desc: str | None = None,
+        unit: str = "rows",
+        rows_key: str = "n_rows",
+        blocks: list[int] | None = None,
+    ) -> StageResult:
+        """Compute every block of ``stage`` that its ledger does not record as done.
+
+        ``make_task(block)`` returns a ``dask.delayed`` whose result is the
+        block's ledger record (written by the task itself after its data).
+        """
+        ledger = Ledger(self.workdir, stage)
+        wanted = list(range(n_blocks)) if blocks is None else list(blocks)
+        done = ledger.done_blocks(n_blocks)
+        todo = [b for b in wanted if b not in done]
+        skipped = len(wanted) - len(todo)
+        label = desc or stage
+        if skipped:
+            self.log(f"[{label}] {skipped} of {len(wanted)} blocks already done: skipped")
+        start = time.perf_counter()
+        records: list[dict[str, Any]] = []
+        bar = self._bar(label, len(wanted), skipped, unit)
+        rows_done = 0.0
+        try:
+            for record in self._iterate(todo, make_task):
+                records.append(record)
+                rows_done += float(record.get(rows_key, 0) or 0)
+                if bar is not None:
+                    bar.update(1)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{rows_done / elapsed:,.0f} {unit}/s")
+                faults.after_block(self.workdir, stage, int(record["block"]))
+        finally:
+            if bar is not None:
+                bar.close()
+        return StageResult(stage, len(wanted), skipped, time.perf_counter() - start, records)
+
+    def _iterate(self, todo: list[int], make_task: Callable[[int], Any]):
+        if not todo:
+            return
+        if self.client is None:
+            for b in todo:
+                yield dask.compute(make_task(b), scheduler="synchronous")[0]
+            return
+        from distributed import as_completed
+
+        pending = iter(todo)
+        futures = []
+        for b in pending:
+            futures.append(self.client.compute(make_task(b)))
+            if len(futures) >= self.max_in_flight():
+                break
+        queue = as_completed(futures)
+        try:
+            for fut in queue:
+                record = fut.result()
+                fut.release()
+                nxt = next(pending, None)
+                if nxt is not None:
+                    queue.add(self.client.compute(make_task(nxt)))
+                yield record
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def _bar(self, desc: str, total: int, initial: int, unit: str):
+        if not self.progress or total == 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="block", dynamic_ncols=True, file=sys.stderr)
+
+    # -- figures
+
+    def write_stats(self, stage: str, result: StageResult | None, seconds: float, **figures: Any) -> dict[str, Any]:
+        """Write ``W/stats/<stage>.json``: time, counts, throughput, peak memory."""
+        stats: dict[str, Any] = {
+            "stage": stage,
+            "seconds": round(seconds, 3),
+            "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+            **figures,
+        }
+        if result is not None:
+            stats.update(
+                blocks=result.n_blocks,
+                blocks_skipped=result.skipped,
+                blocks_computed=result.computed,
+                worker_peak_rss_mb={k: round(v, 1) for k, v in sorted(result.worker_peak_rss().items())},
+            )
+        atomic_write_json(stats_dir(self.workdir) / f"{stage}.json", stats)
+        self.stage_stats[stage] = stats
+        return stats
+
+
+def block_record(n_rows: int, t0: float, **extra: Any) -> dict[str, Any]:
+    """The figures every block task reports alongside its ledger record."""
+    return {
+        "n_rows": int(n_rows),
+        "seconds": round(time.perf_counter() - t0, 4),
+        "worker": task_identity(),
+        "rss_mb": round(peak_rss_mb(), 1),
+        **extra,
+    }
