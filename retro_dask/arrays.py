@@ -75,7 +75,8 @@ def open_read(path: str | Path) -> zarr.Array:
 
 
 def open_write(path: str | Path) -> zarr.Array:
-    return zarr.open_array(str(path), mode="r+", config=ZARR_CONFIG)
+    # The array config is not stored in zarr.json: it must be set on every open.
+    return zarr.open_array(str(path), mode="r+").with_config(ZARR_CONFIG)
 
 
 def chunk_file(arr: zarr.Array, path: str | Path, block: int) -> Path:

@@ -37,6 +37,7 @@ import numpy as np
 from . import arrays
 from .errors import InputError
 from .faiss_util import faiss, has_gpu
+from .index_plan import reduction_levels
 from .runner import block_record, worker_threads
 from .workdir import (
     Ledger,
@@ -55,10 +56,6 @@ from .workdir import (
     write_error,
 )
 
-# Partials merged by one reduction task hold at most this many bytes, and the
-# final assembly streams at most FINAL_FAN_IN partials.
-MERGE_BUDGET = 1 << 30
-FINAL_FAN_IN = 64
 
 
 # ---------------------------------------------------------------- index structure
@@ -342,23 +339,6 @@ def merge_task(workdir: str, tag: str, level: int, number: int, inputs: Sequence
     record["files"] = folder_record(workdir, folder)
     Ledger(workdir, f"index-merge-L{level + 1}").write(number, record)
     return {"block": number, **record}
-
-
-def reduction_levels(n_partials: int, partial_bytes: float, budget: int = MERGE_BUDGET,
-                     final_fan_in: int = FINAL_FAN_IN) -> list[int]:
-    """Fan-in of each merge level until at most ``final_fan_in`` partials remain.
-
-    Each level merges as many partials as the memory budget of one task allows
-    (at least 2), but no more than needed to get under ``final_fan_in``.
-    """
-    fans = []
-    n, size = n_partials, max(partial_bytes, 1.0)
-    while n > final_fan_in:
-        fan = max(2, min(int(budget // size), math.ceil(n / final_fan_in)))
-        fans.append(fan)
-        n = math.ceil(n / fan)
-        size *= fan
-    return fans
 
 
 # ---------------------------------------------------------------- final assembly

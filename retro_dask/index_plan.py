@@ -29,6 +29,10 @@ import re
 from dataclasses import dataclass
 
 MIN_POINTS_PER_LIST = 39
+# index-add's reduction: partials merged by one task hold at most MERGE_BUDGET
+# bytes, and the final assembly streams at most FINAL_FAN_IN partials.
+MERGE_BUDGET = 1 << 30
+FINAL_FAN_IN = 64
 # Faiss's k-means subsamples to 256 points per centroid; more is wasted.
 MAX_POINTS_PER_LIST = 256
 ID_BYTES = 8
@@ -124,3 +128,20 @@ def default_nprobe(nlist: int) -> int:
     if nlist == 0:
         return 1
     return min(nlist, max(16, nlist // 8))
+
+
+def reduction_levels(n_partials: int, partial_bytes: float, budget: int = MERGE_BUDGET,
+                     final_fan_in: int = FINAL_FAN_IN) -> list[int]:
+    """Fan-in of each merge level until at most ``final_fan_in`` partials remain.
+
+    Each level merges as many partials as the memory budget of one task allows
+    (at least 2), but no more than needed to get under ``final_fan_in``.
+    """
+    fans = []
+    n, size = n_partials, max(partial_bytes, 1.0)
+    while n > final_fan_in:
+        fan = max(2, min(int(budget // size), math.ceil(n / final_fan_in)))
+        fans.append(fan)
+        n = math.ceil(n / fan)
+        size *= fan
+    return fans
