@@ -84,6 +84,16 @@ def chunk_file(arr: zarr.Array, path: str | Path, block: int) -> Path:
     return Path(path) / key
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
 def read_block(path: str | Path, block: int) -> np.ndarray:
     arr = open_read(path)
     b = arr.chunks[0]
@@ -117,6 +127,9 @@ def write_block(
     except OSError as exc:
         raise write_error(chunk_file(arr, path, block), exc) from exc
     record = {"rows": [start, stop], **(record or {})}
-    record["files"] = file_record(workdir, chunk_file(arr, path, block))
+    written = chunk_file(arr, path, block)
+    record["files"] = file_record(workdir, written)
+    # The checksum lets verify tell a block changed on disk from one recomputed differently.
+    record["sha256"] = file_sha256(written)
     Ledger(workdir, stage).write(block, record)
     return {"block": block, **record}

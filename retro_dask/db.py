@@ -120,6 +120,21 @@ class CandidateJob:
     bert: BertTokenizerSpec
 
 
+def candidate_job(workdir: str, config: BuildConfig, facts: Sequence[DatasetFacts]) -> CandidateJob:
+    return CandidateJob(workdir, tuple(f.prefix for f in facts), tuple(f.train for f in facts),
+                        config.chunk.chunk_length, gpt_spec(config), bert_spec(config))
+
+
+def candidate_records(workdir: str, n_blocks_: int) -> list[dict[str, Any]]:
+    from .workdir import Ledger
+
+    records = Ledger(workdir, "db-candidates").records(n_blocks_)
+    missing = [b for b, r in enumerate(records) if r is None]
+    if missing:
+        raise RuntimeError(f"db-candidates blocks {missing[:10]} have no record after the stage finished")
+    return records  # type: ignore[return-value]
+
+
 def chunk_tokens(ds: IndexedDataset, rows: np.ndarray) -> list[np.ndarray]:
     """Token arrays of chunks ``rows`` (columns document, start, end) of one dataset."""
     return [ds.get(int(d), int(s), int(e - s)) for d, s, e in rows]
@@ -154,11 +169,16 @@ def trim_and_measure(job: CandidateJob, cand: np.ndarray) -> np.ndarray:
     return out
 
 
-def candidates_task(job: CandidateJob, block: int, start: BlockStart, count: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def compute_candidates(job: CandidateJob, start: BlockStart, count: int) -> np.ndarray:
+    """One block of candidates.zarr: boundaries from sizes, then trimmed ends and BERT lengths."""
     sizes_of = [open_dataset(p).sizes for p in job.prefixes]
     cand = candidate_block(sizes_of, job.train_ranges, start, count, job.chunk_length)
-    rows = trim_and_measure(job, cand)
+    return trim_and_measure(job, cand)
+
+
+def candidates_task(job: CandidateJob, block: int, start: BlockStart, count: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    rows = compute_candidates(job, start, count)
     nonempty = rows[:, 3] > rows[:, 2]
     valid = nonempty & (rows[:, 4] > 0)
     n_ds = len(job.prefixes)
@@ -173,8 +193,8 @@ def candidates_task(job: CandidateJob, block: int, start: BlockStart, count: int
     return arrays.write_block(job.workdir, "db-candidates", candidates_path(job.workdir), block, rows, stats)
 
 
-def compaction_task(workdir: str, block: int, slices: Sequence[CompactionSlice]) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def compute_compaction(workdir: str, slices: Sequence[CompactionSlice]) -> np.ndarray:
+    """One block of chunks.zarr: the valid candidates its slices name, in order."""
     cand = arrays.open_read(candidates_path(workdir))
     b = cand.chunks[0]
     parts = []
@@ -182,7 +202,12 @@ def compaction_task(workdir: str, block: int, slices: Sequence[CompactionSlice])
         rows = cand[s.block * b : (s.block + 1) * b]
         valid = rows[(rows[:, 3] > rows[:, 2]) & (rows[:, 4] > 0)]
         parts.append(valid[s.start : s.stop])
-    data = np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+    return np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+
+
+def compaction_task(workdir: str, block: int, slices: Sequence[CompactionSlice]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    data = compute_compaction(workdir, slices)
     return arrays.write_block(workdir, "db-chunks", chunks_path(workdir), block, data, block_record(len(data), t0))
 
 
@@ -272,10 +297,7 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
         )
     B = config.chunk.block_size
     arrays.create(candidates_path(w), (plan.n_candidates, 5), np.int64, B, fill_value=0)
-    job = CandidateJob(
-        w, tuple(f.prefix for f in facts), tuple(f.train for f in facts),
-        config.chunk.chunk_length, gpt_spec(config), bert_spec(config),
-    )
+    job = candidate_job(w, config, facts)
     import dask
 
     def candidate_task(b: int):
@@ -283,12 +305,7 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
         return dask.delayed(candidates_task, pure=False)(job, b, plan.starts[b], hi - lo)
 
     cand_result = runner.run_blocks("db-candidates", plan.n_blocks, candidate_task, desc="db-build: BERT lengths")
-    from .workdir import Ledger
-
-    records = Ledger(w, "db-candidates").records(plan.n_blocks)
-    missing = [b for b, r in enumerate(records) if r is None]
-    if missing:
-        raise RuntimeError(f"db-candidates blocks {missing[:10]} have no record after the stage finished")
+    records = candidate_records(w, plan.n_blocks)
     n_ds = len(facts)
     valid = np.zeros(n_ds, np.int64)
     invalid = np.zeros(n_ds, np.int64)

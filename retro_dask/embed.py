@@ -173,11 +173,13 @@ def db_chunk_tokens(rows: np.ndarray, prefixes: Sequence[str]) -> list[np.ndarra
     return [open_dataset(prefixes[int(d)]).get(int(doc), int(s), int(e - s)) for d, doc, s, e, _ in rows]
 
 
-def embed_block_task(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec, prefixes: tuple[str, ...],
-                     block: int, batch_size: int | None = None) -> dict[str, Any]:
+def compute_embeddings(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec, prefixes: tuple[str, ...],
+                       block: int, batch_size: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One block of embeddings.zarr (in the stored dtype) and the block's timings."""
     t0 = time.perf_counter()
-    B = arrays.open_read(chunks_path(workdir)).chunks[0]
-    rows = arrays.open_read(chunks_path(workdir))[block * B : (block + 1) * B]
+    chunks = arrays.open_read(chunks_path(workdir))
+    B = chunks.chunks[0]
+    rows = chunks[block * B : (block + 1) * B]
     embedder = get_embedder(config)
     t_load = time.perf_counter()
     texts = chunk_texts(gpt, db_chunk_tokens(rows, prefixes))
@@ -185,13 +187,18 @@ def embed_block_task(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec, p
     t_tok = time.perf_counter()
     emb = embedder.embed_ids(ids, batch_size)
     t_model = time.perf_counter()
-    n_tokens = sum(len(x) for x in ids)
-    record = block_record(
-        len(rows), t0, load_seconds=round(t_load - t0, 4), tokenize_seconds=round(t_tok - t_load, 4),
-        model_seconds=round(t_model - t_tok, 4), n_wordpieces=n_tokens, device=str(embedder.device),
-    )
-    return arrays.write_block(workdir, "embed", embeddings_path(workdir), block,
-                              emb.astype(config.store_dtype, copy=False), record)
+    timings = dict(load_seconds=round(t_load - t0, 4), tokenize_seconds=round(t_tok - t_load, 4),
+                   model_seconds=round(t_model - t_tok, 4), n_wordpieces=sum(len(x) for x in ids),
+                   device=str(embedder.device))
+    return emb.astype(config.store_dtype, copy=False), timings
+
+
+def embed_block_task(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec, prefixes: tuple[str, ...],
+                     block: int, batch_size: int | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    emb, timings = compute_embeddings(workdir, config, gpt, prefixes, block, batch_size)
+    record = block_record(len(emb), t0, **timings)
+    return arrays.write_block(workdir, "embed", embeddings_path(workdir), block, emb, record)
 
 
 def build_embeddings(runner, config, log=print) -> dict[str, Any]:

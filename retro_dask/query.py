@@ -124,7 +124,8 @@ def sample_chunks(samples: Samples, sample_ids: range) -> tuple[list[np.ndarray]
     return chunk_tokens, np.concatenate(pair_sample), np.concatenate(pair_key)
 
 
-def query_block_task(job: QueryJob, block: int) -> dict[str, Any]:
+def compute_neighbors(job: QueryJob, block: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """One block of neighbors.zarr and the block's timings."""
     t0 = time.perf_counter()
     samples = open_samples(job.workdir, job.split, job.samples_hash)
     cps = samples.chunks_per_sample
@@ -147,18 +148,34 @@ def query_block_task(job: QueryJob, block: int) -> dict[str, Any]:
     row_sample = np.repeat(np.arange(len(sample_ids)), cps)
     kept = filter_neighbors(found, neighbor_keys, row_sample, pair_sample, pair_key, job.k_save)
     t_filter = time.perf_counter()
-    record = block_record(
-        hi - lo, t0, embed_seconds=round(t_embed - t0, 4), search_seconds=round(t_search - t_embed, 4),
-        filter_seconds=round(t_filter - t_search, 4), n_found_short=int((kept[:, -1] < 0).sum()),
-    )
+    return kept, dict(embed_seconds=round(t_embed - t0, 4), search_seconds=round(t_search - t_embed, 4),
+                      filter_seconds=round(t_filter - t_search, 4), n_found_short=int((kept[:, -1] < 0).sum()))
+
+
+def query_block_task(job: QueryJob, block: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    kept, timings = compute_neighbors(job, block)
+    record = block_record(len(kept), t0, **timings)
     return arrays.write_block(job.workdir, f"query-{job.split}", neighbors_path(job.workdir, job.split), block,
                               kept, record)
 
 
+def query_rows_per_block(config) -> int:
+    """Rows of neighbors.zarr per block: whole samples, about --block-size rows."""
+    cps = config.chunks_per_sample
+    return max(cps, (config.chunk.block_size // cps) * cps)
+
+
+def query_job(workdir: str, config, split: str, tag: str, nprobe: int, samples_hash: str) -> QueryJob:
+    from .db import gpt_spec
+
+    return QueryJob(workdir, split, tag, config.embed, gpt_spec(config), config.query.num_neighbors_query,
+                    config.query.num_neighbors_save, nprobe, config.query.ef_search, query_rows_per_block(config),
+                    samples_hash)
+
+
 def query_split(runner, config, split: str, tag: str, nprobe: int, log=print) -> dict[str, Any]:
     import dask
-
-    from .db import gpt_spec
 
     w = runner.workdir
     t0 = time.perf_counter()
@@ -166,7 +183,7 @@ def query_split(runner, config, split: str, tag: str, nprobe: int, log=print) ->
     meta = plan.to_dict()
     cps = plan.chunks_per_sample
     n_rows = plan.n_samples * cps
-    rows_per_block = max(cps, (config.chunk.block_size // cps) * cps)
+    rows_per_block = query_rows_per_block(config)
     stage = f"query-{split}"
     done = stage_done(w, stage)
     try:
@@ -180,8 +197,7 @@ def query_split(runner, config, split: str, tag: str, nprobe: int, log=print) ->
         return {"split": split, "n_samples": plan.n_samples, "skipped": True}
     arrays.create(neighbors_path(w, split), (n_rows, config.query.num_neighbors_save), np.int64,
                   rows_per_block, fill_value=-1)
-    job = QueryJob(w, split, tag, config.embed, gpt_spec(config), config.query.num_neighbors_query,
-                   config.query.num_neighbors_save, nprobe, config.query.ef_search, rows_per_block, meta["hash"])
+    job = query_job(w, config, split, tag, nprobe, meta["hash"])
     n_blk = -(-n_rows // rows_per_block) if n_rows else 0
     result = runner.run_blocks(stage, n_blk, lambda b: dask.delayed(query_block_task, pure=False)(job, b),
                                desc=f"query-neighbors: {split}", unit="chunks")
