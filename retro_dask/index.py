@@ -37,7 +37,7 @@ import numpy as np
 from . import arrays
 from .errors import InputError
 from .faiss_util import faiss, has_gpu
-from .index_plan import reduction_levels
+from . import index_plan
 from .runner import block_record, worker_threads
 from .workdir import (
     Ledger,
@@ -69,13 +69,17 @@ def ivf_of(index):
         return None
 
 
-def innermost(index):
-    """The codes-holding index under any IndexPreTransform chain."""
+def index_chain(index) -> list:
+    """``[index, ..., innermost]`` through IndexPreTransform wrappers.
+
+    Callers keep the whole list alive: a SWIG proxy of a sub-index does not
+    keep its parent (the owner of the sub-index) alive.
+    """
     f = faiss()
-    index = f.downcast_index(index)
-    while isinstance(index, f.IndexPreTransform):
-        index = f.downcast_index(index.index)
-    return index
+    chain = [f.downcast_index(index)]
+    while isinstance(chain[-1], f.IndexPreTransform):
+        chain.append(f.downcast_index(chain[-1].index))
+    return chain
 
 
 def check_supported(index, factory: str) -> None:
@@ -83,11 +87,11 @@ def check_supported(index, factory: str) -> None:
     f = faiss()
     if ivf_of(index) is not None:
         return
-    inner = innermost(index)
-    if isinstance(inner, f.IndexFlatCodes):
+    chain = index_chain(index)
+    if isinstance(chain[-1], f.IndexFlatCodes):
         return
     raise InputError(
-        f"index {factory!r} ({type(inner).__name__}) cannot be built block by block: index-add merges inverted "
+        f"index {factory!r} ({type(chain[-1]).__name__}) cannot be built block by block: index-add merges inverted "
         "lists (IVF indexes) or appends codes (Flat, PQ, SQ). Use an IVF index, e.g. IVF1024,Flat or "
         "OPQ32_128,IVF4096_HNSW32,PQ32, or --index-str auto"
     )
@@ -360,10 +364,9 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
         if ivf is None:
             if on_disk:
                 raise InputError("--index-on-disk needs an IVF index (inverted lists live on disk)")
-            inner = innermost(index)
+            chain = index_chain(index)
             for p in parts:
-                codes = np.ascontiguousarray(p.codes)
-                inner.add_sa_codes(len(codes), f.swig_ptr(codes), None)
+                chain[-1].add_sa_codes(np.ascontiguousarray(p.codes))
         elif on_disk:
             sizes = np.zeros(layout.nlist, dtype=np.uint64)
             for p in parts:
@@ -407,14 +410,8 @@ def _fill(invlists, p: Partial, filled, update: bool) -> None:
 
 
 def _set_ntotal(index, ntotal: int) -> None:
-    f = faiss()
-    node = f.downcast_index(index)
-    chain = [node]
-    while isinstance(node, f.IndexPreTransform):
-        node = f.downcast_index(node.index)
-        chain.append(node)
-    for n in chain:
-        n.ntotal = ntotal
+    for node in index_chain(index):
+        node.ntotal = ntotal
 
 
 def add_to_index(runner, config, log=print) -> dict[str, Any]:
@@ -446,7 +443,7 @@ def add_to_index(runner, config, log=print) -> dict[str, Any]:
     bytes_per_block = float(rec0.get("bytes", B * 64))
     numbers = list(range(n_blk))
     level = 0
-    for fan in reduction_levels(n_blk, bytes_per_block):
+    for fan in index_plan.reduction_levels(n_blk, bytes_per_block, index_plan.MERGE_BUDGET, index_plan.FINAL_FAN_IN):
         groups = [numbers[i : i + fan] for i in range(0, len(numbers), fan)]
         runner.run_blocks(
             f"index-merge-L{level + 1}", len(groups),

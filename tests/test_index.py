@@ -1,0 +1,132 @@
+"""index-train / index-add: the merged index equals a single-process add."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from retro_dask import arrays, index_plan
+from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, EmbedConfig, IndexConfig, QueryConfig
+from retro_dask.faiss_util import faiss
+from retro_dask.index import add_to_index, ivf_of, read_index_file, train_index
+from retro_dask.runner import Runner
+from retro_dask.workdir import (
+    added_index_path,
+    added_ivfdata_path,
+    embeddings_path,
+    mark_stage_done,
+    sampled_path,
+    trained_index_path,
+)
+
+N, D, BLOCK = 3000, 32, 256
+
+
+def workdir_with_embeddings(tmp_path, tiny_bert, vectors, index_str, metric="cosine", on_disk=False):
+    """A workdir holding only synthetic embeddings and a training sample (as embed would leave it)."""
+    w = tmp_path / "w"
+    config = BuildConfig(
+        ChunkConfig(DataBlend((1.0,), ("/nonexistent",)), block_size=BLOCK),
+        embed=EmbedConfig(bert_model=tiny_bert),
+        index=IndexConfig(index_str=index_str, metric=metric, on_disk=on_disk),
+        query=QueryConfig(seq_length=128),
+    )
+    arr = arrays.create(embeddings_path(w), vectors.shape, np.float32, BLOCK, compressed=False)
+    for b in range(-(-len(vectors) // BLOCK)):
+        arrays.write_block(str(w), "embed", embeddings_path(w), b, vectors[b * BLOCK : (b + 1) * BLOCK])
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(vectors), size=2000, replace=False))
+    s = arrays.create(sampled_path(w), sample.shape, np.int64, BLOCK)
+    s[:] = sample
+    mark_stage_done(w, "embed", {})
+    return str(w), config
+
+
+def single_process_index(w, tag, vectors):
+    index = read_index_file(trained_index_path(w, tag))
+    if ivf_of(index) is not None:
+        index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    else:
+        index.add(vectors)
+    return index
+
+
+@pytest.mark.parametrize("index_str, metric, on_disk, fan_in", [
+    ("IVF16,Flat", "cosine", False, 64),          # exact IVF, everything in the final assembly
+    ("IVF16,Flat", "l2", False, 3),               # Megatron's metric; a 2-level merge tree
+    ("OPQ4_16,IVF16,PQ4", "cosine", False, 3),    # rotation + PQ codes through the tree
+    ("IVF16,Flat", "cosine", True, 3),            # on-disk inverted lists
+    ("OPQ4_16,IVF16_HNSW8,PQ4", "l2", True, 64),  # HNSW coarse quantizer, on disk
+    ("Flat", "cosine", False, 3),                 # no inverted lists: codes appended in row order
+])
+def test_merged_index_equals_single_add(tmp_path, tiny_bert, synthetic_vectors, monkeypatch,
+                                        index_str, metric, on_disk, fan_in):
+    monkeypatch.setattr(index_plan, "FINAL_FAN_IN", fan_in)
+    vectors = synthetic_vectors(N, D)
+    w, config = workdir_with_embeddings(tmp_path, tiny_bert, vectors, index_str, metric, on_disk)
+    runner = Runner(w, None, progress=False, log=lambda m: None)
+    train_index(runner, config, log=lambda m: None)
+    stats = add_to_index(runner, config, log=lambda m: None)
+    tag = stats["tag"]
+    assert (stats["merge_levels"] > 0) == (fan_in < 12)  # 12 blocks: a tree only under a small fan-in
+    # The workdir can move: on-disk lists are found next to the index file.
+    moved = tmp_path / "moved"
+    shutil.move(w, moved)
+    index = read_index_file(added_index_path(moved, tag))
+    assert added_ivfdata_path(moved, tag).exists() == on_disk
+    reference = single_process_index(str(moved), tag, vectors)
+    queries = synthetic_vectors(200, D, seed=7)
+    for name, value in (("nprobe", 4), ("quantizer_efSearch", 32)):
+        ps = faiss().ParameterSpace()
+        for ix in (index, reference):
+            try:
+                ps.set_index_parameter(ix, name, value)
+            except RuntimeError:
+                pass
+    d1, i1 = index.search(queries, 10)
+    d2, i2 = reference.search(queries, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
+    assert index.ntotal == N
+
+
+def test_every_chunk_id_exactly_once(tmp_path, tiny_bert, synthetic_vectors, monkeypatch):
+    monkeypatch.setattr(index_plan, "FINAL_FAN_IN", 2)
+    vectors = synthetic_vectors(N, D)
+    w, config = workdir_with_embeddings(tmp_path, tiny_bert, vectors, "IVF16,Flat")
+    runner = Runner(w, None, progress=False, log=lambda m: None)
+    train_index(runner, config, log=lambda m: None)
+    tag = add_to_index(runner, config, log=lambda m: None)["tag"]
+    index = read_index_file(added_index_path(w, tag))
+    ivf = ivf_of(index)  # a view into ``index``, which must stay alive
+    f = faiss()
+    ids = np.concatenate([f.rev_swig_ptr(ivf.invlists.get_ids(l), ivf.invlists.list_size(l)).copy()
+                          for l in range(ivf.nlist) if ivf.invlists.list_size(l)])
+    np.testing.assert_array_equal(np.sort(ids), np.arange(N))
+
+
+def test_rerun_skips_finished_index(tmp_path, tiny_bert, synthetic_vectors):
+    vectors = synthetic_vectors(N, D)
+    w, config = workdir_with_embeddings(tmp_path, tiny_bert, vectors, "IVF16,Flat")
+    runner = Runner(w, None, progress=False, log=lambda m: None)
+    train_index(runner, config, log=lambda m: None)
+    tag = add_to_index(runner, config, log=lambda m: None)["tag"]
+    before = added_index_path(w, tag).read_bytes()
+    messages = []
+    train_index(runner, config, log=messages.append)
+    add_to_index(runner, config, log=messages.append)
+    assert any("already trained" in m for m in messages) and any("already built" in m for m in messages)
+    assert added_index_path(w, tag).read_bytes() == before
+
+
+def test_too_few_training_points_is_refused(tmp_path, tiny_bert, synthetic_vectors):
+    from retro_dask.errors import InputError
+
+    vectors = synthetic_vectors(N, D)
+    w, config = workdir_with_embeddings(tmp_path, tiny_bert, vectors, "IVF128,Flat")
+    runner = Runner(w, None, progress=False, log=lambda m: None)
+    with pytest.raises(InputError, match=r"128 inverted lists.*39 x 128 = 4992.*2000"):
+        train_index(runner, config, log=lambda m: None)
+    assert not trained_index_path(w, "IVF128_Flat.cosine").exists()
