@@ -63,9 +63,11 @@ def build_sample_idx(sizes_in_order: np.ndarray, n_samples: int, seq_length: int
 def build_blend(n_samples: int, weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Which dataset serves each sample, and that dataset's sample number.
 
-    Dataset k's j-th sample is due at time ``(j + 1) / w_k``; samples are taken
-    in order of due time (ties to the lower dataset), so every prefix of the
-    blend holds each dataset in proportion to its weight, to within one sample.
+    Dataset k's j-th sample is due at time ``(j + 0.5) / w_k``; samples are
+    taken in order of due time (ties to the lower dataset). At any time t a
+    dataset has served ``w_k t`` samples to within 0.5, so every prefix of n
+    samples holds ``w_k n`` of dataset k to within ``0.5 + K w_k / 2`` (K
+    datasets): Megatron's greedy blending, but vectorized.
     """
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
@@ -75,7 +77,7 @@ def build_blend(n_samples: int, weights: Sequence[float]) -> tuple[np.ndarray, n
             continue
         m = int(np.ceil(n_samples * wk)) + 1
         j = np.arange(m, dtype=np.int64)
-        times.append((j + 1) / wk)
+        times.append((j + 0.5) / wk)
         which.append(np.full(m, k, dtype=np.int64))
         number.append(j)
     t, k, j = np.concatenate(times), np.concatenate(which), np.concatenate(number)

@@ -1,0 +1,186 @@
+"""scripts/build.py end to end: the workdir contract, RetroDataset, clusters, dashboard."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import ROOT, run_build, tree_bytes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_args(workdir, corpus, bert, *extra):
+    return ["--workdir", workdir, "--tasks", "build", "--data-path", "1", corpus, "--bert-model", bert,
+            "--seq-length", "256", "--block-size", "256", "--split", "90,10,0", *extra]
+
+
+@pytest.fixture(scope="session")
+def built_workdir(tmp_path_factory, small_corpus_prefix, tiny_bert) -> Path:
+    """The whole build of 400 sample documents with the tiny BERT, on 2 embedded workers."""
+    w = tmp_path_factory.mktemp("e2e") / "w"
+    proc = run_build(build_args(w, small_corpus_prefix, tiny_bert, "--n-workers", "2",
+                                "--dashboard-address", "127.0.0.1:0"))
+    assert "Dask dashboard: http://127.0.0.1:" in proc.stdout
+    return w
+
+
+def test_workdir_contract(built_workdir):
+    w = built_workdir
+    config = json.loads((w / "config.json").read_text())
+    assert config["fingerprint"] and config["chunk"]["chunk_length"] == 64
+    infos = json.loads((w / "db" / "infos.json").read_text())
+    assert set(infos[0]) == {"ratio", "prefix", "n_docs", "n_docs_train", "n_chunks", "n_chunks_train",
+                             "n_chunks_invalid", "n_chunks_sampled"}
+    chunks = zarr.open_array(str(w / "db" / "chunks.zarr"), mode="r")
+    assert chunks.dtype == np.int64 and chunks.shape[1] == 5 and chunks.shape[0] == infos[0]["n_chunks_train"]
+    emb = zarr.open_array(str(w / "db" / "embeddings.zarr"), mode="r")
+    assert emb.shape == (chunks.shape[0], 32) and emb.chunks[0] == chunks.chunks[0]
+    sampled = zarr.open_array(str(w / "db" / "sampled.zarr"), mode="r")[:]
+    assert np.all(np.diff(sampled) > 0) and len(sampled) == infos[0]["n_chunks_sampled"]
+    (tag,) = [p.name for p in (w / "index").iterdir()]
+    assert (w / "index" / tag / "trained.faissindex").exists() and (w / "index" / tag / "added.faissindex").exists()
+    for split in ("train", "valid", "test"):
+        meta = json.loads((w / "query" / split / "meta.json").read_text())
+        assert {"seq_length", "n_samples", "seed", "data_blend", "split", "chunk_length", "hash"} <= set(meta)
+        nb = zarr.open_array(str(w / "query" / split / "neighbors.zarr"), mode="r")
+        assert nb.dtype == np.int64 and nb.shape == (meta["n_samples"] * 4, 20)
+    stats = {p.stem for p in (w / "stats").glob("*.json")}
+    assert {"db-build", "embed", "index-train", "index-add", "query-neighbors"} <= stats
+    embed_stats = json.loads((w / "stats" / "embed.json").read_text())
+    assert embed_stats["seconds"] > 0 and embed_stats["worker_peak_rss_mb"]
+
+
+def test_no_neighbor_from_its_own_sample(built_workdir):
+    """Checked over every row of every split."""
+    from retro_dask.db import doc_key
+    from retro_dask.samples import Samples
+
+    w = built_workdir
+    chunks = zarr.open_array(str(w / "db" / "chunks.zarr"), mode="r")[:]
+    key_of_row = doc_key(chunks[:, 0], chunks[:, 1])
+    checked = 0
+    for split in ("train", "valid", "test"):
+        samples = Samples(w, split)
+        nb = zarr.open_array(str(w / "query" / split / "neighbors.zarr"), mode="r")[:]
+        cps = samples.chunks_per_sample
+        for s in range(len(samples)):
+            k, docs = samples.documents(s)
+            own = set(doc_key(k, docs).tolist())
+            rows = nb[s * cps : (s + 1) * cps]
+            found = rows[rows >= 0]
+            assert not (set(key_of_row[found].tolist()) & own)
+            # Saved neighbours come first, -1 only after them.
+            assert np.all((rows >= 0)[:, :-1] >= (rows >= 0)[:, 1:])
+            checked += rows.size
+    assert checked > 0
+
+
+def test_retro_dataset_item(built_workdir):
+    from retro_dask import RetroDataset
+    from retro_dask.samples import Samples
+
+    ds = RetroDataset(built_workdir, "train", num_neighbors=2, num_retrieved_chunks=2)
+    item = ds[3]
+    assert item["text"].shape == (257,) and item["text"].dtype.is_floating_point is False
+    assert item["neighbor_chunks"].shape == (4, 2, 2)
+    assert item["neighbor_tokens"].shape == (4, 2, 128)
+    assert item["neighbor_mask"].shape == (4, 2)
+    np.testing.assert_array_equal(item["text"].numpy(), Samples(built_workdir, "train").tokens(3))
+    chunks = zarr.open_array(str(built_workdir / "db" / "chunks.zarr"), mode="r")[:]
+    nb = item["neighbor_chunks"].numpy()
+    for c in range(4):
+        for k in range(2):
+            first, cont = nb[c, k]
+            if first >= 0 and cont >= 0:
+                assert cont == first + 1 and (chunks[cont, :2] == chunks[first, :2]).all()
+            if first >= 0 and cont < 0:  # the document ended: padding, not the next document
+                assert first + 1 == len(chunks) or (chunks[first + 1, :2] != chunks[first, :2]).any()
+
+
+def test_retro_dataset_in_a_multiworker_dataloader(built_workdir):
+    import torch
+
+    from retro_dask import RetroDataset
+
+    ds = RetroDataset(built_workdir, "train")
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, shuffle=False)
+    items = [b for _, b in zip(range(6), loader)]
+    for i, batch in enumerate(items):
+        np.testing.assert_array_equal(batch["neighbor_chunks"][0].numpy(), ds[i]["neighbor_chunks"].numpy())
+
+
+def test_same_bytes_on_a_dask_scheduler_with_two_workers(built_workdir, tmp_path, small_corpus_prefix, tiny_bert):
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                           "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        w = tmp_path / "w"
+        run_build(build_args(w, small_corpus_prefix, tiny_bert, "--scheduler", address))
+        assert tree_bytes(w) == tree_bytes(built_workdir)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_dashboard_answers_during_a_run(tmp_path, small_corpus_prefix, tiny_bert):
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "scripts" / "build.py"), "--no-progress",
+           *build_args(tmp_path / "w", small_corpus_prefix, tiny_bert, "--dashboard-address", f"127.0.0.1:{port}")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    status = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and status != 200:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as r:
+                    status = r.status
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        out = proc.communicate(timeout=300)[0]
+    assert status == 200, out
+    assert proc.returncode == 0, out
+
+
+def test_config_file_and_rerun_from_config_json(tmp_path, small_corpus_prefix, tiny_bert):
+    """--config gives the options; a rerun needs only --workdir and --tasks."""
+    cfg = tmp_path / "retro.yaml"
+    cfg.write_text(f"data-path: [1, {small_corpus_prefix}]\nbert-model: {tiny_bert}\nseq-length: 256\n"
+                   "block-size: 256\nsplit: 90,10,0\ncluster: synchronous\n")
+    w = tmp_path / "w"
+    run_build(["--workdir", w, "--tasks", "db-build", "--config", cfg])
+    proc = run_build(["--workdir", w, "--tasks", "db-build", "--cluster", "synchronous"])
+    assert "already done: skipped" in proc.stdout
+
+
+def test_help_documents_every_option():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build.py"), "--help"], capture_output=True, text=True)
+    from retro_dask.cli import RUNTIME, SHAPING
+
+    for name in list(SHAPING) + list(RUNTIME):
+        assert "--" + name.replace("_", "-") in proc.stdout
+    assert "(default: 2048)" in proc.stdout
