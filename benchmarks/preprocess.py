@@ -40,8 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def loop_jsonl(path: str, prefix: str, gpt) -> int:
     """Single-process, single-thread reference: jsonl -> indexed dataset; returns tokens."""

@@ -100,9 +100,14 @@ def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object
 
     if options.scheduler:
         security = security_from(options)
+        if options.scheduler.startswith("tls://") and security is None:
+            raise RetroError(
+                f"--scheduler {options.scheduler} speaks TLS: give --tls-ca-file, --tls-cert and --tls-key "
+                "(the files `dask scheduler` and `dask worker` were started with)"
+            )
         try:
             client = Client(options.scheduler, security=security, timeout="30s")
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, TypeError, ValueError) as exc:
             raise RetroError(
                 f"could not connect to the Dask scheduler at {options.scheduler} ({exc}): is `dask scheduler` "
                 "running there, and do the TLS settings match?"

@@ -86,6 +86,7 @@ def disk(workdir: str, stage: str, block: int) -> Iterator[None]:
 
     def failing_put(path, value, exclusive=False):
         # The same temporary-then-rename path zarr uses, failing after half the bytes.
+        path.parent.mkdir(parents=True, exist_ok=True)
         with local._atomic_write(path, "wb", exclusive) as f:
             data = value.as_numpy_array().tobytes()
             f.write(data[: len(data) // 2])

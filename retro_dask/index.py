@@ -148,8 +148,11 @@ def gather_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
 
 
 def train_task(workdir: str, tag: str, factory: str, threads: int) -> dict[str, Any]:
+    from . import faults
+
     f = faiss()
     t0 = time.perf_counter()
+    faults.before_block(workdir, "index-train", 0)
     rows = arrays.open_read(sampled_path(workdir))[:]
     x = gather_rows(embeddings_path(workdir), np.asarray(rows, np.int64))
     t_read = time.perf_counter()
@@ -334,6 +337,9 @@ def encode_block_task(workdir: str, tag: str, block: int) -> dict[str, Any]:
 
 def merge_task(workdir: str, tag: str, level: int, number: int, inputs: Sequence[int]) -> dict[str, Any]:
     """Merge partials ``inputs`` of ``level`` into partial ``number`` of ``level + 1``."""
+    from . import faults
+
+    faults.before_block(workdir, f"index-merge-L{level + 1}", number)
     t0 = time.perf_counter()
     parts = [Partial.load(partial_folder(workdir, tag, level, i)) for i in inputs]
     merged = Partial.merge(parts)
@@ -350,6 +356,9 @@ def merge_task(workdir: str, tag: str, level: int, number: int, inputs: Sequence
 
 def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk: bool) -> dict[str, Any]:
     """Stream the last partials into the trained index's inverted lists; write added.faissindex."""
+    from . import faults
+
+    faults.before_block(workdir, "index-assemble", 0)
     f = faiss()
     t0 = time.perf_counter()
     index = read_index_file(trained_index_path(workdir, tag))

@@ -31,7 +31,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -61,9 +60,12 @@ SAMPLE_DOCS_PER_TASK = 1024
 # Tokens buffered in a Python list before a task converts them to numpy and
 # writes them: bounds a task's memory whatever its range size.
 _FLUSH_TOKENS = 1 << 20
-# Bytes read at a time when scanning for line ends or counting lines.
-_SCAN_BYTES = 1 << 20
+# Bytes read at a time when looking for the next line end (small: lines are
+# usually short, and a range may be small) and when counting lines.
+_SCAN_BYTES = 64 << 10
+_COUNT_BYTES = 1 << 20
 _UTF8_BOM = b"\xef\xbb\xbf"
+_DECODER = json.JSONDecoder()
 # How long a failed run waits for tasks still running on workers to stop
 # writing into its parts folder before removing it anyway.
 _ABANDON_TIMEOUT_S = 120.0
@@ -127,7 +129,7 @@ def _line_number(path: str, offset: int) -> int:
     with open(path, "rb") as f:
         remaining = offset
         while remaining > 0:
-            block = f.read(min(_SCAN_BYTES, remaining))
+            block = f.read(min(_COUNT_BYTES, remaining))
             if not block:
                 break
             count += block.count(b"\n")
@@ -178,8 +180,17 @@ def iter_jsonl_texts(rng: ByteRange, key: str) -> Iterator[str]:
                     f"({raw[exc.start:exc.start + 4]!r}); jsonl must be UTF-8: re-encode the file "
                     f"(e.g. iconv -f latin1 -t utf-8)"
                 ) from None
+            # raw_decode skips json.loads' wrapper (a few % of a task's CPU); a
+            # line it refuses (leading spaces, or bad JSON) goes through
+            # json.loads, which accepts it or gives the standard message.
             try:
-                obj = json.loads(line)
+                obj, end = _DECODER.raw_decode(line)
+                parsed = end == len(line) or not line[end:].strip()
+            except ValueError:
+                parsed = False
+            try:
+                if not parsed:
+                    obj = json.loads(line)
             except ValueError as exc:
                 raise InputError(
                     f"{_where(rng.path, line_offset)}: not JSON ({getattr(exc, 'msg', exc)}): "
@@ -225,8 +236,8 @@ class _PartWriter:
     with ``IndexedDatasetWriter.add_index``.
 
     The files are written under temporary names and moved into place when
-    complete; no folder is ever created, so a task of an abandoned run (whose
-    parts folder the driver removed) fails instead of leaving files behind.
+    complete. No folder is ever created: a task can fail on a parts folder that
+    the driver removed, but never re-create it.
     """
 
     def __init__(self, prefix: str, dtype: np.dtype, eod: int) -> None:
@@ -547,13 +558,15 @@ def _compute(calls: list[tuple[Callable, tuple, str]], spec: GPTTokenizerSpec, p
         futures = [client.submit(_run_part, fn, args, spec, parts_dir, part, key=f"preprocess-{token}-{i}",
                                  pure=False)
                    for i, (fn, args, part) in enumerate(calls)]
+        index = {fut.key: i for i, fut in enumerate(futures)}
+        # Small dicts of counts: the tokens stay in the partial files.
+        results: list[dict[str, Any] | None] = [None] * len(futures)
         try:
-            for fut in as_completed(futures):
-                _checked(fut.result())
+            for fut, result in as_completed(futures, with_results=True):
+                results[index[fut.key]] = _checked(result)
                 if bar:
                     bar.update(1)
-            # Small dicts of counts: the tokens stay in the partial files.
-            return client.gather(futures)
+            return results
         except BaseException:
             client.cancel(futures)
             raise

@@ -114,3 +114,18 @@ def tree_bytes(root: Path, include=("config.json", "db", "index", "query")) -> d
                 if f.is_file():
                     out[str(f.relative_to(root))] = f.read_bytes()
     return out
+
+
+def build_args(workdir, corpus, bert, *extra):
+    return ["--workdir", workdir, "--tasks", "build", "--data-path", "1", corpus, "--bert-model", bert,
+            "--seq-length", "256", "--block-size", "256", "--split", "90,10,0", *extra]
+
+
+@pytest.fixture(scope="session")
+def built_workdir(tmp_path_factory, small_corpus_prefix, tiny_bert) -> Path:
+    """The whole build of 400 sample documents with the tiny BERT, on 2 embedded workers."""
+    w = tmp_path_factory.mktemp("e2e") / "w"
+    proc = run_build(build_args(w, small_corpus_prefix, tiny_bert, "--n-workers", "2",
+                                "--dashboard-address", "127.0.0.1:0"))
+    assert "Dask dashboard: http://127.0.0.1:" in proc.stdout
+    return w

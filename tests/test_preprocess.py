@@ -158,6 +158,24 @@ def test_jsonl_round_trip_matches_write_indexed_dataset(tmp_path, gpt, texts, n_
     assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx"]
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'   {"text": "x"}',  # leading spaces
+        b'{"text": "x"}   \t',  # trailing spaces and a tab
+        b'{"text": "x"}\r',  # a CR left by CRLF line ends
+        b'{"id": 1, "text": "x", "meta": {"text": "not this one"}}',  # other keys, nested objects
+        b'{"text": "x", "text": "x"}',  # a duplicate key: JSON keeps the last
+    ],
+)
+def test_tolerated_lines(tmp_path, gpt, line):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(line + b"\n" + b'{"text": "y"}\n')
+    preprocess(str(tmp_path / "out" / "c"), [str(path)], client=None, progress=False, log=quiet)
+    assert [list(d) for d in IndexedDataset(str(tmp_path / "out" / "c"))] == [
+        gpt.encode("x") + [gpt.eod], gpt.encode("y") + [gpt.eod]]
+
+
 @pytest.fixture(scope="module")
 def cluster_client():
     """An embedded LocalCluster with 2 single-thread worker processes, started once for the module."""
@@ -170,14 +188,17 @@ def cluster_client():
 
 def test_local_cluster_gives_the_same_bytes_as_synchronous(tmp_path, gpt, texts, cluster_client):
     inputs = [str(write_jsonl(tmp_path / "in" / f"part{i}.jsonl", chunk)) for i, chunk in enumerate(split(texts, 2))]
+    from distributed import get_task_stream
+
     sync = preprocess(str(tmp_path / "sync" / "c"), inputs, client=None, range_bytes=None, progress=False, log=quiet)
-    dist = preprocess(str(tmp_path / "dist" / "c"), inputs, client=cluster_client, range_bytes=4096, progress=False,
-                      log=quiet)
+    with get_task_stream(cluster_client) as stream:
+        dist = preprocess(str(tmp_path / "dist" / "c"), inputs, client=cluster_client, range_bytes=4096,
+                          progress=False, log=quiet)
     assert sync["tasks"] == 2 and dist["tasks"] > 20
     assert output_bytes(tmp_path / "dist" / "c") == output_bytes(tmp_path / "sync" / "c") == reference(
         tmp_path, texts, gpt)
-    # Both workers took part (the tasks are spread, not run on one).
-    assert len(cluster_client.nthreads()) == 2
+    # Both workers took part: the tasks are spread, not run on one.
+    assert len({task["worker"] for task in stream.data}) == 2
 
 
 def test_sample_corpus(tmp_path, sample_corpus_prefix):
@@ -199,6 +220,9 @@ BAD_INPUTS = {
     # line 31 is cut by a parenthesis that never closes; earlier tasks have written partials already
     "not json": (b"".join(GOOD[:30]) + b'{"text": "unterminated\n' + b"".join(GOOD[30:]), "text",
                  ["line 31", "not JSON", "unterminated"]),
+    # two objects on one line
+    "two objects on a line": (b"".join(GOOD[:5]) + b'{"text": "a"} {"text": "b"}\n', "text",
+                              ["line 6", "not JSON", "Extra data"]),
     # the key is missing: the message lists the keys that are there
     "missing key": (b"".join(GOOD[:25]) + b'{"body": "x", "id": 7}\n' + b"".join(GOOD[25:]), "text",
                     ["line 26", "no key 'text'", "['body', 'id']", "--json-keys"]),

@@ -1,0 +1,91 @@
+"""embed: stored embeddings against a straightforward transformers computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from retro_dask.build import run_build
+from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, EmbedConfig, QueryConfig, RunOptions
+
+
+def reference_embeddings(texts, model_dir):
+    """Mean of BERT's last hidden states over the WordPiece tokens, [CLS]/[SEP] excluded, one text at a time."""
+    from transformers import AutoTokenizer, BertModel
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = BertModel.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tok(text, return_tensors="pt", truncation=True, max_length=256)
+            hidden = model(**enc).last_hidden_state[0]
+            out.append(hidden[1:-1].mean(dim=0).numpy())
+    return np.stack(out)
+
+
+def build_embeddings(tmp_path, prefix, **embed):
+    config = BuildConfig(ChunkConfig(DataBlend((1.0,), (prefix,)), block_size=256),
+                         embed=EmbedConfig(**embed),
+                         query=QueryConfig(train_samples=0, valid_samples=0, test_samples=0))
+    run_build(tmp_path / "w", config, RunOptions(cluster="synchronous", progress=False), "db-build,embed",
+              log=lambda m: None)
+    return tmp_path / "w"
+
+
+@pytest.fixture(scope="module")
+def sample_embeddings(tmp_path_factory, sample_texts, gpt):
+    """The real all-MiniLM-L6-v2 on 150 sample documents (about 350 chunks)."""
+    from conftest import write_corpus
+
+    tmp = tmp_path_factory.mktemp("embed")
+    prefix = write_corpus(tmp / "wiki150", sample_texts[1000:1150], gpt)
+    return build_embeddings(tmp, prefix)
+
+
+def test_embeddings_match_transformers(sample_embeddings):
+    from retro_dask import inspect as retro
+    from retro_dask.tokenizer import default_bert_dir
+
+    w = sample_embeddings
+    retro.init(str(w), quiet=True)
+    n = retro.get_db_num_chunks()
+    rows = np.random.default_rng(0).choice(n, size=min(200, n), replace=False)
+    stored = zarr.open_array(str(w / "db" / "embeddings.zarr"), mode="r")[:][rows]
+    expected = reference_embeddings([retro.get_db_chunk_text(int(r)) for r in rows], default_bert_dir())
+    cos = (stored * expected).sum(1) / np.linalg.norm(stored, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() >= 0.9999, cos.min()
+
+
+def test_bf16_and_float16_storage(tmp_path, small_corpus_prefix, tiny_bert, sample_embeddings):
+    fp32 = zarr.open_array(str(build_embeddings(tmp_path / "a", small_corpus_prefix, bert_model=tiny_bert)
+                               / "db" / "embeddings.zarr"), mode="r")[:]
+    half = zarr.open_array(str(build_embeddings(tmp_path / "b", small_corpus_prefix, bert_model=tiny_bert,
+                                                embed_dtype="bf16", store_dtype="float16")
+                               / "db" / "embeddings.zarr"), mode="r")
+    assert half.dtype == np.float16
+    h = half[:].astype(np.float32)
+    cos = (fp32 * h).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(h, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_results_in_row_order_whatever_the_batching():
+    """Length-sorted batching must give back rows in input order."""
+    from retro_dask.embed import get_embedder
+
+    embedder = get_embedder(EmbedConfig())
+    texts = ["a much longer text about the history of the Roman empire and its emperors " * 3, "short", "medium text"]
+    together = embedder.embed_texts(texts, batch_size=2)
+    alone = np.stack([embedder.embed_texts([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_embed_texts_for_notebooks():
+    from retro_dask.embed import embed_texts
+
+    x = embed_texts(["The cat sat on the mat.", "A cat was sitting on a mat.", "Stock markets fell sharply."])
+    assert x.shape == (3, 384)
+    sim = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert sim(x[0], x[1]) > sim(x[0], x[2])
