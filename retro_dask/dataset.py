@@ -112,6 +112,21 @@ class RetroDataset(_TorchDataset):
         cps = self.chunks_per_sample
         return self._array("neighbors")[i * cps : (i + 1) * cps, : self.num_neighbors]
 
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Batch items for a DataLoader: stack tensors, pad ``document_ids`` with -1."""
+        import torch
+
+        width = max(len(it["document_ids"]) for it in items)
+        docs = torch.full((len(items), width), -1, dtype=torch.int64)
+        for i, it in enumerate(items):
+            docs[i, : len(it["document_ids"])] = it["document_ids"]
+        batch = {k: torch.stack([it[k] for it in items]) for k in ("text", "neighbor_chunks", "neighbor_tokens",
+                                                                   "neighbor_mask")}
+        batch["dataset_idx"] = torch.tensor([it["dataset_idx"] for it in items])
+        batch["document_ids"] = docs
+        return batch
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 

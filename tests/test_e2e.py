@@ -103,10 +103,16 @@ def test_retro_dataset_in_a_multiworker_dataloader(built_workdir):
     from retro_dask import RetroDataset
 
     ds = RetroDataset(built_workdir, "train")
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, shuffle=False)
-    items = [b for _, b in zip(range(6), loader)]
-    for i, batch in enumerate(items):
-        np.testing.assert_array_equal(batch["neighbor_chunks"][0].numpy(), ds[i]["neighbor_chunks"].numpy())
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, shuffle=False, collate_fn=RetroDataset.collate)
+    batches = [b for _, b in zip(range(3), loader)]
+    for j, batch in enumerate(batches):
+        assert batch["text"].shape == (3, 257) and batch["neighbor_tokens"].shape == (3, 4, 2, 128)
+        for r in range(3):
+            item = ds[3 * j + r]
+            np.testing.assert_array_equal(batch["neighbor_chunks"][r].numpy(), item["neighbor_chunks"].numpy())
+            n = len(item["document_ids"])
+            np.testing.assert_array_equal(batch["document_ids"][r, :n].numpy(), item["document_ids"].numpy())
+            assert (batch["document_ids"][r, n:] == -1).all()
 
 
 def test_same_bytes_on_a_dask_scheduler_with_two_workers(built_workdir, tmp_path, small_corpus_prefix, tiny_bert):
@@ -169,3 +175,14 @@ def test_help_documents_every_option():
     for name in list(SHAPING) + list(RUNTIME):
         assert "--" + name.replace("_", "-") in proc.stdout
     assert "(default: 2048)" in proc.stdout
+
+
+def test_example_notebook_runs_top_to_bottom(built_workdir, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("RETRO_WORKDIR", str(built_workdir))
+    nb = nbformat.read(ROOT / "examples" / "inspect_workdir.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "examples")}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "neighbour 0: chunk" in outputs
