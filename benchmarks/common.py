@@ -1,0 +1,131 @@
+"""Shared helpers of the benchmark scripts: corpora, the model ceiling, machine facts, tables."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sample_corpus(folder: Path, n_docs: int | None = None) -> str:
+    """The packaged sample corpus (or its first ``n_docs``) as an indexed dataset."""
+    from retro_dask.indexed_dataset import write_indexed_dataset
+    from retro_dask.sample_corpus import iter_sample_documents
+    from retro_dask.tokenizer import get_gpt_tokenizer
+
+    gpt = get_gpt_tokenizer()
+    texts = list(iter_sample_documents())[:n_docs]
+    prefix = folder / (f"wiki{n_docs}" if n_docs else "wiki")
+    if not Path(f"{prefix}.idx").exists():
+        docs = [np.asarray(ids + [gpt.eod], np.uint16) for ids in gpt.encode_batch(texts)]
+        write_indexed_dataset(str(prefix), docs, np.uint16)
+    return str(prefix)
+
+
+def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[c if isinstance(c, str) else f"{c:,.2f}" if isinstance(c, float) else str(c)
+                                           for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def record_results(title: str, body: str, command: str) -> None:
+    """Append a dated section to benchmarks/RESULTS.md."""
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    today = datetime.date.today().isoformat()
+    section = f"\n## {title} ({today})\n\nMachine: {machine()}. Command: `{command}`\n\n{body}\n"
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nEach section is appended by the script that measured it.\n")
+    with open(path, "a") as f:
+        f.write(section)
+
+
+# ---------------------------------------------------------------- the model ceiling
+
+
+def _ceiling_worker(model_dir: str, dtype: str, ids: list[list[int]], batch: int, barrier, out) -> None:
+    import torch
+    from transformers import BertModel
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    model = BertModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True, add_pooling_layer=False,
+                                      attn_implementation="sdpa")
+    model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]).eval()
+    lengths = np.array([len(x) for x in ids])
+    batches = []
+    for lo in range(0, len(ids), batch):
+        sel = range(lo, min(lo + batch, len(ids)))
+        width = int(lengths[list(sel)].max())
+        x = np.zeros((len(sel), width), np.int64)
+        m = np.zeros((len(sel), width), np.int64)
+        for r, i in enumerate(sel):
+            x[r, : lengths[i]] = ids[i]
+            m[r, : lengths[i]] = 1
+        batches.append((torch.from_numpy(x), torch.from_numpy(m)))
+    barrier.wait()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x, m in batches:
+            model(input_ids=x, attention_mask=m)
+    out.put(time.perf_counter() - t0)
+
+
+def model_ceiling(model_dir: str, dtype: str, ids: list[list[int]], batch: int = 128,
+                  processes: int | None = None) -> dict[str, float]:
+    """The model's own forward throughput: pre-tokenized, length-sorted chunks, one single-thread process per core.
+
+    Chunks are sorted by length over the whole set and dealt to the processes
+    in turn, so each gets the same mix; the wall time is the slowest process's.
+    """
+    processes = processes or os.cpu_count() or 1
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    shares = [[ids[i] for i in order[p::processes]] for p in range(processes)]
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_ceiling_worker, args=(model_dir, dtype, s, batch, barrier, out)) for s in shares]
+    for p in procs:
+        p.start()
+    seconds = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    tokens = sum(len(x) for x in ids)
+    padded = sum(max(len(x) for x in s[lo : lo + batch]) * len(s[lo : lo + batch])
+                 for s in shares for lo in range(0, len(s), batch))
+    return {"seconds": max(seconds), "chunks_per_s": len(ids) / max(seconds), "padding_share": 1 - tokens / padded}

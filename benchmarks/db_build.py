@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Benchmark: db-build throughput and memory, from the sample corpus to 200M+ tokens.
+
+Corpora: the packaged sample corpus (~1M tokens), and synthetic corpora of
+``--tokens`` (default 200M) and a tenth of it, generated blockwise from the
+sample corpus's documents (random documents, so the text is real English and
+BERT tokenizes it as it would a real corpus).
+
+For each corpus, db-build on the default embedded LocalCluster prints chunks/s
+of the BERT-length pass and of the whole stage, and the peak RSS of the driver
+and of each worker, which must stay flat while the corpus grows 10x. In the
+same run a single-process, single-thread loop does the same detokenize + BERT
+tokenize work on the sample corpus and on the smaller synthetic corpus; the
+ratio pipeline / loop is the speedup (goal: at least 1.7x on 2 cores).
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/db_build.py [--tokens 200e6]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, machine, record_results, sample_corpus, table
+
+
+def synthetic_corpus(folder: Path, base_prefix: str, n_tokens: float, seed: int = 0) -> str:
+    """Random sample documents, concatenated 1-8 at a time into documents, written block by block."""
+    from retro_dask.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+
+    base = IndexedDataset(base_prefix)
+    rng = np.random.default_rng(seed)
+    prefix = folder / f"synthetic{int(n_tokens / 1e6)}M"
+    written = 0
+    with IndexedDatasetWriter(str(prefix), np.uint16) as writer:
+        while written < n_tokens:
+            picks = rng.integers(0, len(base), size=(4096, 8))
+            parts = rng.integers(1, 9, size=4096)
+            for row, k in zip(picks, parts):
+                doc = np.concatenate([np.asarray(base[int(i)])[:-1] for i in row[:k]] + [np.array([50256])])
+                writer.add_document(doc.astype(np.uint16))
+                written += len(doc)
+    return str(prefix)
+
+
+def loop_baseline(prefix: str) -> dict:
+    """One process, one thread: cut chunks, detokenize, BERT-tokenize (what db-build's workers do)."""
+    from retro_dask.config import BuildConfig, ChunkConfig, DataBlend
+    from retro_dask.indexed_dataset import IndexedDataset
+    from retro_dask.plan import split_document_ranges
+    from retro_dask.tokenizer import get_bert_tokenizer, get_gpt_tokenizer
+
+    gpt, bert = get_gpt_tokenizer(), get_bert_tokenizer()
+    ds = IndexedDataset(prefix)
+    a, b = split_document_ranges(len(ds), (0.98, 0.02, 0.0))[0]
+    t0 = time.perf_counter()
+    n = valid = 0
+    texts = []
+    for doc in range(a, b):
+        tokens = ds[doc]
+        end = len(tokens) - 1 if len(tokens) and tokens[-1] == gpt.eod else len(tokens)
+        for s in range(0, end, 64):
+            texts.append(gpt.decode(tokens[s : min(s + 64, end)]))
+        if len(texts) >= 1024:
+            valid += int((bert.lengths(texts) > 0).sum())
+            n += len(texts)
+            texts = []
+    valid += int((bert.lengths(texts) > 0).sum()) if texts else 0
+    n += len(texts)
+    seconds = time.perf_counter() - t0
+    return {"chunks": n, "valid": valid, "seconds": seconds, "chunks_per_s": n / seconds}
+
+
+def pipeline(workdir: Path, prefix: str) -> dict:
+    """db-build in a fresh process (so its peak RSS is its own), on the default embedded cluster."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "build.py"), "--workdir", str(workdir), "--tasks", "db-build",
+           "--data-path", "1", prefix, "--no-progress", "--dashboard-address", "127.0.0.1:0",
+           "--train-samples", "0", "--valid-samples", "0", "--test-samples", "0"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    stats = json.loads((workdir / "stats" / "db-build.json").read_text())
+    stats["wall_with_cluster_start"] = wall
+    return stats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--tokens", type=float, default=200e6)
+    p.add_argument("--record", action="store_true")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="retro-db-bench-"))
+    try:
+        sample = sample_corpus(tmp)
+        t0 = time.perf_counter()
+        small = synthetic_corpus(tmp, sample, args.tokens / 10, seed=1)
+        large = synthetic_corpus(tmp, sample, args.tokens, seed=2)
+        print(f"generated synthetic corpora in {time.perf_counter() - t0:.0f} s")
+        baselines = {"sample": loop_baseline(sample), "small": loop_baseline(small)}
+        rows = []
+        for name, prefix in (("sample", sample), ("small", small), ("large", large)):
+            from retro_dask.indexed_dataset import IndexedDataset
+
+            n_tokens = IndexedDataset(prefix).n_tokens
+            stats = pipeline(tmp / f"w-{name}", prefix)
+            workers = stats["worker_peak_rss_mb"]
+            base = baselines.get(name)
+            rate = stats["n_candidates"] / stats["seconds"]
+            rows.append([name, f"{n_tokens / 1e6:.1f}M", stats["n_candidates"], f"{stats['seconds']:.1f}",
+                         f"{rate:,.0f}", f"{base['chunks_per_s']:,.0f}" if base else "-",
+                         f"{rate / base['chunks_per_s']:.2f}" if base else "-",
+                         f"{stats['driver_peak_rss_mb']:.0f}", " / ".join(f"{v:.0f}" for v in workers.values())])
+            print(json.dumps({"corpus": name, "stats": stats, "baseline": base}, indent=1))
+            shutil.rmtree(tmp / f"w-{name}", ignore_errors=True)
+        out = table(rows, ["corpus", "tokens", "chunks", "db-build s", "pipeline chunks/s", "loop chunks/s",
+                           "pipeline/loop", "driver peak MB", "worker peak MB"])
+        print(f"\ndb-build on {machine()}\n")
+        print(out)
+        if args.record:
+            record_results("db-build: throughput and memory", out, "python benchmarks/db_build.py --record")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
