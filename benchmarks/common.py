@@ -83,7 +83,10 @@ def _ceiling_worker(model_dir: str, dtype: str, ids: list[list[int]], batch: int
     from transformers import BertModel
     import transformers
 
+    from retro_dask.embed import tune_allocator
+
     transformers.utils.logging.set_verbosity_error()
+    tune_allocator()  # the ceiling is the model at its best: the same allocator settings as the workers
     torch.set_num_threads(1)
     model = BertModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True, add_pooling_layer=False,
                                       attn_implementation="sdpa")

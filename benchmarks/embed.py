@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--small-docs", type=int, default=2000, help="documents of the small corpus for the RSS check")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
+    from retro_dask.embed import CPU_BATCH
     from retro_dask.tokenizer import default_bert_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="retro-embed-bench-"))
@@ -65,9 +66,9 @@ def main() -> None:
         ids = chunk_ids(tmp / "db")
         rows = []
         for dtype in args.dtypes.split(","):
-            ceiling = model_ceiling(default_bert_dir(), dtype, ids)
+            ceiling = model_ceiling(default_bert_dir(), dtype, ids, batch=CPU_BATCH)
             w = tmp / f"w-{dtype}"
-            shutil.copytree(tmp / "db", w)
+            build(w, full, dtype, "db-build")
             stats = build(w, full, dtype, "embed")["embed"]
             ws = tmp / f"s-{dtype}"
             small_stats = build(ws, small, dtype, "db-build,embed")["embed"]

@@ -377,45 +377,79 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
             for p in parts:
                 chain[-1].add_sa_codes(np.ascontiguousarray(p.codes))
         elif on_disk:
-            sizes = np.zeros(layout.nlist, dtype=np.uint64)
-            for p in parts:
-                sizes[np.asarray(p.lists)] += np.asarray(p.counts, dtype=np.uint64)
-            invlists = f.OnDiskInvertedLists(layout.nlist, layout.code_size, str(tmp / ivfdata.name))
-            invlists.update_totsize(max(int(sizes.sum()) * (layout.code_size + 8), 1))
-            invlists.set_all_lists_sizes(f.swig_ptr(sizes))
-            filled = np.zeros(layout.nlist, dtype=np.int64)
-            for p in parts:
-                _fill(invlists, p, filled, update=True)
+            invlists = write_ondisk_lists(parts, layout, tmp / ivfdata.name, str(ivfdata))
             ivf.replace_invlists(invlists, True)
             invlists.this.disown()
         else:
             invlists = ivf.invlists
             for p in parts:
-                _fill(invlists, p, None, update=False)
+                _fill(invlists, p)
         _set_ntotal(index, ntotal)
         f.write_index(index, str(tmp / final.name))
         del index
         if on_disk:
             os.replace(tmp / ivfdata.name, ivfdata)
         os.replace(tmp / final.name, final)
-    return {"ntotal": ntotal, "seconds": round(time.perf_counter() - t0, 3), "files": {
+    from .runner import peak_rss_mb, task_identity
+
+    return {"ntotal": ntotal, "seconds": round(time.perf_counter() - t0, 3), "rss_mb": round(peak_rss_mb(), 1),
+            "worker": task_identity(), "files": {
         **file_record(workdir, final), **(file_record(workdir, ivfdata) if on_disk else {})}}
 
 
-def _fill(invlists, p: Partial, filled, update: bool) -> None:
+def write_ondisk_lists(parts: Sequence[Partial], layout: IndexLayout, data_path: Path, final_path: str):
+    """Write Faiss on-disk inverted lists with plain file writes; return their OnDiskInvertedLists.
+
+    The file has Faiss's own layout (``OnDiskInvertedLists.set_all_lists_sizes``:
+    lists back to back, each its codes then its ids). Writing it with ``pwrite``
+    rather than through Faiss's shared mapping keeps the pages out of this
+    process's memory, so the assembly's RSS does not grow with the index. The
+    list table is built on a sparse stand-in file and then pointed at
+    ``final_path``; indexes are read with IO_FLAG_ONDISK_SAME_DIR, so the
+    workdir can still move.
+    """
+    f = faiss()
+    sizes = np.zeros(layout.nlist, dtype=np.uint64)
+    for p in parts:
+        sizes[np.asarray(p.lists)] += np.asarray(p.counts, dtype=np.uint64)
+    entry = layout.code_size + 8
+    offsets = np.concatenate([[0], np.cumsum(sizes.astype(np.int64) * entry)])
+    total = max(int(offsets[-1]), 1)
+    filled = np.zeros(layout.nlist, dtype=np.int64)
+    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, total)
+        for p in parts:
+            ids, codes = p.ids, p.codes
+            ends = np.cumsum(p.counts)
+            for l, n, end in zip(np.asarray(p.lists).tolist(), np.asarray(p.counts).tolist(), ends.tolist()):
+                base, cap, at = int(offsets[l]), int(sizes[l]), int(filled[l])
+                os.pwrite(fd, np.ascontiguousarray(codes[end - n : end]).tobytes(), base + at * layout.code_size)
+                os.pwrite(fd, np.ascontiguousarray(ids[end - n : end], dtype=np.int64).tobytes(),
+                          base + cap * layout.code_size + at * 8)
+                filled[l] += n
+            del ids, codes
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    standin = data_path.with_name("sizing.ivfdata")
+    invlists = f.OnDiskInvertedLists(layout.nlist, layout.code_size, str(standin))
+    invlists.update_totsize(total)
+    invlists.set_all_lists_sizes(f.swig_ptr(sizes))
+    invlists.filename = final_path
+    standin.unlink()
+    return invlists
+
+
+def _fill(invlists, p: Partial) -> None:
+    """Append a partial's entries to in-memory inverted lists, list by list."""
     f = faiss()
     ids = np.asarray(p.ids)
     codes = np.asarray(p.codes)
     ends = np.cumsum(p.counts)
     for l, n, end in zip(np.asarray(p.lists).tolist(), np.asarray(p.counts).tolist(), ends.tolist()):
-        lo = end - n
-        id_ptr = f.swig_ptr(np.ascontiguousarray(ids[lo:end]))
-        code_ptr = f.swig_ptr(np.ascontiguousarray(codes[lo:end]))
-        if update:
-            invlists.update_entries(l, int(filled[l]), n, id_ptr, code_ptr)
-            filled[l] += n
-        else:
-            invlists.add_entries(l, n, id_ptr, code_ptr)
+        invlists.add_entries(l, n, f.swig_ptr(np.ascontiguousarray(ids[end - n : end])),
+                             f.swig_ptr(np.ascontiguousarray(codes[end - n : end])))
 
 
 def _set_ntotal(index, ntotal: int) -> None:
@@ -452,7 +486,8 @@ def add_to_index(runner, config, log=print) -> dict[str, Any]:
     bytes_per_block = float(rec0.get("bytes", B * 64))
     numbers = list(range(n_blk))
     level = 0
-    for fan in index_plan.reduction_levels(n_blk, bytes_per_block, index_plan.MERGE_BUDGET, index_plan.FINAL_FAN_IN):
+    for fan in index_plan.reduction_levels(n_blk, bytes_per_block, index_plan.MERGE_BUDGET, index_plan.FINAL_FAN_IN,
+                                           index_plan.MERGE_TARGET):
         groups = [numbers[i : i + fan] for i in range(0, len(numbers), fan)]
         runner.run_blocks(
             f"index-merge-L{level + 1}", len(groups),
@@ -476,6 +511,6 @@ def add_to_index(runner, config, log=print) -> dict[str, Any]:
     return runner.write_stats(
         "index-add", encode, seconds, ntotal=n, tag=tag, on_disk=on_disk,
         encode_seconds=round(t_encode - t0, 3), merge_seconds=round(t_merge - t_encode, 3),
-        assemble_seconds=result["seconds"], merge_levels=level,
+        assemble_seconds=result["seconds"], merge_levels=level, assemble_worker_peak_rss_mb=result["rss_mb"],
         chunks_per_s=round(n / max(seconds, 1e-9), 1),
     )

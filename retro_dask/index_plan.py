@@ -29,8 +29,10 @@ import re
 from dataclasses import dataclass
 
 MIN_POINTS_PER_LIST = 39
-# index-add's reduction: partials merged by one task hold at most MERGE_BUDGET
-# bytes, and the final assembly streams at most FINAL_FAN_IN partials.
+# index-add's reduction: a merge aims at partials of MERGE_TARGET bytes (so a
+# merge task's memory does not grow with the database), never holds more than
+# MERGE_BUDGET, and the final assembly streams at most FINAL_FAN_IN partials.
+MERGE_TARGET = 128 << 20
 MERGE_BUDGET = 1 << 30
 FINAL_FAN_IN = 64
 # Faiss's k-means subsamples to 256 points per centroid; more is wasted.
@@ -131,16 +133,17 @@ def default_nprobe(nlist: int) -> int:
 
 
 def reduction_levels(n_partials: int, partial_bytes: float, budget: int = MERGE_BUDGET,
-                     final_fan_in: int = FINAL_FAN_IN) -> list[int]:
+                     final_fan_in: int = FINAL_FAN_IN, target: int = MERGE_TARGET) -> list[int]:
     """Fan-in of each merge level until at most ``final_fan_in`` partials remain.
 
-    Each level merges as many partials as the memory budget of one task allows
-    (at least 2), but no more than needed to get under ``final_fan_in``.
+    A level merges enough partials to reach ``target`` bytes, or more if that
+    is what it takes to get under ``final_fan_in`` in one level, but never more
+    than ``budget`` bytes in one task (and always at least 2).
     """
     fans = []
     n, size = n_partials, max(partial_bytes, 1.0)
     while n > final_fan_in:
-        fan = max(2, min(int(budget // size), math.ceil(n / final_fan_in)))
+        fan = max(2, min(int(budget // size), max(int(target // size), math.ceil(n / final_fan_in))))
         fans.append(fan)
         n = math.ceil(n / fan)
         size *= fan

@@ -174,15 +174,16 @@ def query_job(workdir: str, config, split: str, tag: str, nprobe: int, samples_h
                     samples_hash)
 
 
-def query_split(runner, config, split: str, tag: str, nprobe: int, log=print) -> dict[str, Any]:
+def prepare_split(runner, config, split: str, tag: str, nprobe: int, log=print):
+    """The split's samples and output array; its BlockStage, or None if it is already done."""
     import dask
 
+    from .runner import BlockStage
+
     w = runner.workdir
-    t0 = time.perf_counter()
     plan: SplitPlan = prepare_samples(w, config, split)
     meta = plan.to_dict()
-    cps = plan.chunks_per_sample
-    n_rows = plan.n_samples * cps
+    n_rows = plan.n_samples * plan.chunks_per_sample
     rows_per_block = query_rows_per_block(config)
     stage = f"query-{split}"
     done = stage_done(w, stage)
@@ -194,19 +195,20 @@ def query_split(runner, config, split: str, tag: str, nprobe: int, log=print) ->
         Ledger(w, stage).clear()
     if done and done.get("hash") == meta["hash"] and old_meta and old_meta.get("hash") == meta["hash"]:
         log(f"[{stage}] {plan.n_samples} samples already done: skipped")
-        return {"split": split, "n_samples": plan.n_samples, "skipped": True}
+        return plan, None
     arrays.create(neighbors_path(w, split), (n_rows, config.query.num_neighbors_save), np.int64,
                   rows_per_block, fill_value=-1)
     job = query_job(w, config, split, tag, nprobe, meta["hash"])
     n_blk = -(-n_rows // rows_per_block) if n_rows else 0
-    result = runner.run_blocks(stage, n_blk, lambda b: dask.delayed(query_block_task, pure=False)(job, b),
-                               desc=f"query-neighbors: {split}", unit="chunks")
-    write_query_meta(w, plan)
-    mark_stage_done(w, stage, {"hash": meta["hash"], "n_samples": plan.n_samples})
-    seconds = time.perf_counter() - t0
+    return plan, BlockStage(stage, n_blk, lambda b: dask.delayed(query_block_task, pure=False)(job, b),
+                            f"query-neighbors: {split}")
+
+
+def split_stats(runner, plan: SplitPlan, result) -> dict[str, Any]:
+    n_rows = plan.n_samples * plan.chunks_per_sample
     return runner.write_stats(
-        stage, result, seconds, split=split, n_samples=plan.n_samples, n_query_chunks=n_rows,
-        chunks_per_s=round(result.total("n_rows") / max(result.seconds, 1e-9), 2),
+        f"query-{plan.split}", result, result.seconds, split=plan.split, n_samples=plan.n_samples,
+        n_query_chunks=n_rows, chunks_per_s=round(result.total("n_rows") / max(result.seconds, 1e-9), 2),
         embed_seconds_total=round(result.total("embed_seconds"), 3),
         search_seconds_total=round(result.total("search_seconds"), 3),
         filter_seconds_total=round(result.total("filter_seconds"), 3),
@@ -228,7 +230,29 @@ def query_all_splits(runner, config, log=print) -> dict[str, Any]:
         raise InputError(f"{w} has no finished index: run --tasks index-add (or index-build) first")
     tag = index_tag(w)
     nprobe = query_nprobe(config, w)
-    per_split = {split: query_split(runner, config, split, tag, nprobe, log=log) for split in SPLIT_NAMES}
+    prepared = {split: prepare_split(runner, config, split, tag, nprobe, log=log) for split in SPLIT_NAMES}
+    specs = [spec for _, spec in prepared.values() if spec is not None]
+    # All splits' blocks in one stream, so no worker idles at the end of a split.
+    results = runner.run_stages(specs, desc="query-neighbors", unit="chunks")
+    per_split: dict[str, Any] = {}
+    for split, (plan, spec) in prepared.items():
+        if spec is None:
+            per_split[split] = {"split": split, "n_samples": plan.n_samples, "skipped": True,
+                                "n_query_chunks": plan.n_samples * plan.chunks_per_sample}
+            continue
+        write_query_meta(w, plan)
+        mark_stage_done(w, spec.stage, {"hash": plan.to_dict()["hash"], "n_samples": plan.n_samples})
+        per_split[split] = split_stats(runner, plan, results[spec.stage])
     total = sum(s.get("n_query_chunks", 0) for s in per_split.values())
     return runner.write_stats("query-neighbors", None, time.perf_counter() - t0, nprobe=nprobe,
-                              n_query_chunks=total, splits=per_split)
+                              n_query_chunks=total, splits=per_split,
+                              chunks_per_s=round(total / max(time.perf_counter() - t0, 1e-9), 2),
+                              worker_peak_rss_mb=_merge_peaks(results.values()))
+
+
+def _merge_peaks(results) -> dict[str, float]:
+    peaks: dict[str, float] = {}
+    for r in results:
+        for k, v in r.worker_peak_rss().items():
+            peaks[k] = max(peaks.get(k, 0.0), v)
+    return {k: round(v, 1) for k, v in sorted(peaks.items())}

@@ -72,6 +72,16 @@ class StageResult:
         return peaks
 
 
+@dataclass(frozen=True)
+class BlockStage:
+    """A block stage to run: its name (the ledger), block count, and task maker."""
+
+    stage: str
+    n_blocks: int
+    make_task: Callable[[int], Any]
+    desc: str | None = None
+
+
 class Runner:
     """Runs tasks for one build: on a Dask client, or synchronously without one."""
 
@@ -128,28 +138,41 @@ class Runner:
         desc: str | None = None,
         unit: str = "rows",
         rows_key: str = "n_rows",
-        blocks: list[int] | None = None,
     ) -> StageResult:
         """Compute every block of ``stage`` that its ledger does not record as done.
 
         ``make_task(block)`` returns a ``dask.delayed`` whose result is the
         block's ledger record (written by the task itself after its data).
         """
-        ledger = Ledger(self.workdir, stage)
-        wanted = list(range(n_blocks)) if blocks is None else list(blocks)
-        done = ledger.done_blocks(n_blocks)
-        todo = [b for b in wanted if b not in done]
-        skipped = len(wanted) - len(todo)
-        label = desc or stage
-        if skipped:
-            self.log(f"[{label}] {skipped} of {len(wanted)} blocks already done: skipped")
+        spec = BlockStage(stage, n_blocks, make_task, desc)
+        return self.run_stages([spec], desc=desc or stage, unit=unit, rows_key=rows_key)[stage]
+
+    def run_stages(self, specs: list["BlockStage"], desc: str, unit: str = "rows",
+                   rows_key: str = "n_rows") -> dict[str, StageResult]:
+        """Run the missing blocks of several block stages as one stream of tasks.
+
+        Stages run together keep every worker busy to the end, where running
+        them one after another would leave workers idle at each stage's tail.
+        """
+        todo: list[tuple[str, int]] = []
+        skipped: dict[str, int] = {}
+        for spec in specs:
+            done = Ledger(self.workdir, spec.stage).done_blocks(spec.n_blocks)
+            missing = [b for b in range(spec.n_blocks) if b not in done]
+            skipped[spec.stage] = spec.n_blocks - len(missing)
+            if skipped[spec.stage]:
+                self.log(f"[{spec.desc or spec.stage}] {skipped[spec.stage]} of {spec.n_blocks} blocks already "
+                         "done: skipped")
+            todo += [(spec.stage, b) for b in missing]
+        makers = {spec.stage: spec.make_task for spec in specs}
+        total = sum(spec.n_blocks for spec in specs)
         start = time.perf_counter()
-        records: list[dict[str, Any]] = []
-        bar = self._bar(label, len(wanted), skipped, unit)
+        records: dict[str, list[dict[str, Any]]] = {spec.stage: [] for spec in specs}
+        bar = self._bar(desc, total, total - len(todo), unit)
         rows_done = 0.0
         try:
-            for record in self._iterate(todo, make_task):
-                records.append(record)
+            for stage, record in self._iterate(todo, makers):
+                records[stage].append(record)
                 rows_done += float(record.get(rows_key, 0) or 0)
                 if bar is not None:
                     bar.update(1)
@@ -159,34 +182,43 @@ class Runner:
         finally:
             if bar is not None:
                 bar.close()
-        return StageResult(stage, len(wanted), skipped, time.perf_counter() - start, records)
+        seconds = time.perf_counter() - start
+        return {spec.stage: StageResult(spec.stage, spec.n_blocks, skipped[spec.stage], seconds, records[spec.stage])
+                for spec in specs}
 
-    def _iterate(self, todo: list[int], make_task: Callable[[int], Any]):
+    def _iterate(self, todo: list[tuple[str, int]], makers: dict[str, Callable[[int], Any]]):
+        """Yield ``(stage, record)`` as tasks finish, keeping a bounded number in flight."""
         if not todo:
             return
         if self.client is None:
-            for b in todo:
-                yield dask.compute(make_task(b), scheduler="synchronous")[0]
+            for stage, b in todo:
+                yield stage, dask.compute(makers[stage](b), scheduler="synchronous")[0]
             return
         from distributed import as_completed
 
         pending = iter(todo)
-        futures = []
-        for b in pending:
-            futures.append(self.client.compute(make_task(b)))
-            if len(futures) >= self.max_in_flight():
-                break
-        queue = as_completed(futures)
+        stage_of: dict[str, str] = {}
+        live: set = set()
+
+        def submit(item):
+            fut = self.client.compute(makers[item[0]](item[1]))
+            stage_of[fut.key] = item[0]
+            live.add(fut)
+            return fut
+
+        queue = as_completed([submit(item) for _, item in zip(range(self.max_in_flight()), pending)])
         try:
             for fut in queue:
                 record = fut.result()
+                live.discard(fut)
+                stage = stage_of.pop(fut.key)
                 fut.release()
                 nxt = next(pending, None)
                 if nxt is not None:
-                    queue.add(self.client.compute(make_task(nxt)))
-                yield record
+                    queue.add(submit(nxt))
+                yield stage, record
         except BaseException:
-            for f in futures:
+            for f in live:
                 f.cancel()
             raise
 

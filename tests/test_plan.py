@@ -154,7 +154,8 @@ def test_default_nprobe():
 
 @pytest.mark.parametrize("n_partials, partial_bytes, budget, expected", [
     (21, 1e6, 1 << 30, []),               # few partials: straight to the final assembly
-    (5000, 1.5e6, 1 << 30, [79]),          # one level brings 5000 under the final fan-in of 64
+    (5000, 1.5e6, 1 << 30, [89]),          # merges of ~128 MB bring 5000 under the final fan-in of 64
+    (1250, 1.5e6, 1 << 30, [89]),          # ... and the same merge size for a 4x smaller database
     (100_000, 1e6, 1 << 30, [1073, 2]),    # the memory budget caps a level's fan-in
     (1000, 1e9, 1 << 30, [2, 2, 2, 2]),    # huge partials: pairwise merges
 ])

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Benchmark: the whole build on the sample corpus against a sequential baseline and the model ceiling.
+
+In one run:
+
+1. pipeline (fp32): ``scripts/build.py --tasks build`` on the default embedded
+   LocalCluster, as a user runs it (wall time from process start to exit);
+2. baseline (fp32): ``baseline.py``, one process doing the same work in order
+   (chunk, detokenize, BERT-tokenize, embed length-sorted in batches, train the
+   same index, add, build the samples, embed and search their chunks, filter)
+   with torch and Faiss on every core through their own threads;
+3. ceiling: the model's own forward throughput on the same chunks (database +
+   pretraining queries), pre-tokenized and length-sorted, one single-thread
+   process per core (as in ``embed.py``);
+4. pipeline (bf16) and the recall@10 of its saved neighbours against that of
+   the fp32 run (both against exact search on fp32 embeddings, same filter).
+
+It prints per stage and in total: wall time, chunks/s, the ratios
+pipeline/baseline and pipeline/ceiling, and peak RSS of the driver and each
+worker; ``--record`` appends the table to benchmarks/RESULTS.md.
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/e2e.py [--record]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, machine, model_ceiling, record_results, sample_corpus, table
+
+STAGES = ("db-build", "embed", "index-train", "index-add", "query-neighbors")
+
+
+def pipeline(workdir: Path, prefix: str, dtype: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "scripts" / "build.py"), "--workdir", str(workdir), "--tasks", "build",
+           "--data-path", "1", prefix, "--embed-dtype", dtype, "--no-progress", "--dashboard-address", "127.0.0.1:0"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    stats = {s: json.loads((workdir / "stats" / f"{s}.json").read_text()) for s in STAGES}
+    return {"wall": wall, "stats": stats}
+
+
+def baseline(prefix: str, factory: str, nprobe: int, dtype: str) -> dict:
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import json, baseline\n"
+            f"out = baseline.run({prefix!r}, {factory!r}, {nprobe}, {dtype!r}); out.pop('db_ids')\n"
+            "print('STATS' + json.dumps(out))")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.split("STATS", 1)[1])
+    result["wall"] = time.perf_counter() - t0
+    return result
+
+
+def ceiling_ids(workdir: Path) -> list[list[int]]:
+    """WordPiece ids of every chunk the pipeline embeds: database chunks and query chunks."""
+    from retro_dask import inspect as retro
+    from retro_dask.embed import chunk_texts
+    from retro_dask.samples import Samples
+    from retro_dask.tokenizer import GPTTokenizerSpec, get_bert_tokenizer
+
+    retro.init(str(workdir), quiet=True)
+    texts = [retro.get_db_chunk_text(i) for i in range(retro.get_db_num_chunks())]
+    for split in ("train", "valid", "test"):
+        samples = Samples(workdir, split)
+        cps, cl = samples.chunks_per_sample, samples.chunk_length
+        for s in range(len(samples)):
+            texts += chunk_texts(GPTTokenizerSpec(), list(samples.tokens(s)[: cps * cl].reshape(cps, cl)))
+    return get_bert_tokenizer().encode_for_model(texts, 256)
+
+
+def neighbor_recalls(fp32: Path, others: list[Path], n: int = 500, seed: int = 0) -> list[float]:
+    """recall@10 of each workdir's saved neighbours against exact search on the fp32 embeddings."""
+    from retro_dask import arrays
+    from retro_dask.build import recorded_config
+    from retro_dask.runner import Runner
+    from retro_dask.verify import RECALL_AT, exact_knn, recall_at
+    from retro_dask.db import doc_key, gpt_spec, lookup_documents
+    from retro_dask.query import document_lookup, filter_neighbors
+    from retro_dask.samples import Samples
+    from retro_dask.verify import _embed_tokens
+    from retro_dask.workdir import neighbors_path
+
+    config = recorded_config(fp32)
+    samples = Samples(fp32, "train")
+    nb = arrays.open_read(neighbors_path(fp32, "train"))
+    rows = np.sort(np.random.default_rng(seed).choice(nb.shape[0], size=min(n, nb.shape[0]), replace=False))
+    cps, cl = samples.chunks_per_sample, samples.chunk_length
+    tokens, pair_s, pair_k = [], [], []
+    for local, r in enumerate(rows):
+        s, c = divmod(int(r), cps)
+        tokens.append(samples.tokens(s)[c * cl : (c + 1) * cl])
+        k, docs = samples.documents(s)
+        keys = np.unique(doc_key(k, docs))
+        pair_s.append(np.full(len(keys), local))
+        pair_k.append(keys)
+    x = _embed_tokens(config.embed, gpt_spec(config), tokens)
+    _, truth = exact_knn(Runner(str(fp32), None, progress=False), x, config.query.num_neighbors_query, True)
+    first, keys = document_lookup(str(fp32))
+    truth = filter_neighbors(truth, lookup_documents(first, keys, truth), np.arange(len(rows)),
+                             np.concatenate(pair_s), np.concatenate(pair_k), RECALL_AT)
+    out = []
+    for w in [fp32, *others]:
+        saved = arrays.open_read(neighbors_path(w, "train")).get_orthogonal_selection((rows, slice(None)))
+        out.append(recall_at(saved, truth))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--record", action="store_true")
+    p.add_argument("--skip-bf16", action="store_true")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="retro-e2e-bench-"))
+    try:
+        prefix = sample_corpus(tmp)
+        run32 = pipeline(tmp / "fp32", prefix, "fp32")
+        print(f"pipeline fp32: {run32['wall']:.1f} s", flush=True)
+        factory = run32["stats"]["index-train"]["factory"]
+        nprobe = run32["stats"]["query-neighbors"]["nprobe"]
+        base = baseline(prefix, factory, nprobe, "fp32")
+        print(f"baseline fp32: {base['wall']:.1f} s {json.dumps(base['stages'])}", flush=True)
+        from retro_dask.embed import CPU_BATCH
+        from retro_dask.tokenizer import default_bert_dir
+
+        ids = ceiling_ids(tmp / "fp32")
+        ceiling = model_ceiling(default_bert_dir(), "fp32", ids, batch=CPU_BATCH)
+        print(f"ceiling fp32: {ceiling['chunks_per_s']:.1f} chunks/s on {len(ids)} chunks", flush=True)
+        run16 = None
+        if not args.skip_bf16:
+            run16 = pipeline(tmp / "bf16", prefix, "bf16")
+            print(f"pipeline bf16: {run16['wall']:.1f} s", flush=True)
+        st = run32["stats"]
+        n_db = st["embed"]["n_chunks"]
+        n_q = st["query-neighbors"]["n_query_chunks"]
+        model_chunks = n_db + n_q
+        rows = []
+        base_stage = {"db-build": base["stages"]["chunk"] + base["stages"]["load"], "embed": base["stages"]["embed"],
+                      "index-train": base["stages"]["index-train"], "index-add": base["stages"]["index-add"],
+                      "query-neighbors": base["stages"]["query-neighbors"]}
+        count = {"db-build": n_db, "embed": n_db, "index-train": n_db, "index-add": n_db, "query-neighbors": n_q}
+        for s in STAGES:
+            workers = st[s].get("worker_peak_rss_mb") or {}
+            rows.append([s, f"{st[s]['seconds']:.1f}", f"{count[s] / st[s]['seconds']:,.1f}",
+                         f"{base_stage[s]:.1f}", f"{st[s]['seconds'] / base_stage[s]:.2f}",
+                         f"{count[s] / st[s]['seconds'] / ceiling['chunks_per_s']:.2f}" if s in ("embed", "query-neighbors") else "-",
+                         f"{st[s]['driver_peak_rss_mb']:.0f}", " / ".join(f"{v:.0f}" for v in workers.values()) or "-"])
+        rows.append(["total (wall, process start to exit)", f"{run32['wall']:.1f}",
+                     f"{model_chunks / run32['wall']:,.1f}", f"{base['wall']:.1f}",
+                     f"{run32['wall'] / base['wall']:.2f}", f"{model_chunks / run32['wall'] / ceiling['chunks_per_s']:.2f}",
+                     "-", f"baseline peak {base['peak_rss_mb']:.0f}"])
+        if run16:
+            rows.append(["total, --embed-dtype bf16", f"{run16['wall']:.1f}", f"{model_chunks / run16['wall']:,.1f}",
+                         f"{base['wall']:.1f} (fp32)", f"{run16['wall'] / base['wall']:.2f}", "-", "-", "-"])
+        not_embedding = run32["wall"] - st["embed"]["seconds"] - st["query-neighbors"].get("embed_seconds_wall", 0)
+        out = table(rows, ["stage", "pipeline s", "chunks/s", "baseline s", "pipeline/baseline", "pipeline/ceiling",
+                           "driver peak MB", "worker peak MB"])
+        notes = [f"database chunks: {n_db:,}; query chunks: {n_q:,}; model ceiling (fp32, {CPU_BATCH}-chunk batches, "
+                 f"one single-thread process per core): {ceiling['chunks_per_s']:.1f} chunks/s",
+                 f"index: {factory}, nprobe {nprobe}"]
+        q = st["query-neighbors"]
+        split_stats = q.get("splits", {})
+        q_embed = sum(v.get("embed_seconds_total", 0) for v in split_stats.values())
+        q_search = sum(v.get("search_seconds_total", 0) for v in split_stats.values())
+        q_filter = sum(v.get("filter_seconds_total", 0) for v in split_stats.values())
+        if q_embed:
+            notes.append(f"query-neighbors task time: embedding {q_embed:.0f} s, search {q_search:.1f} s, "
+                         f"filter {q_filter:.1f} s (summed over workers)")
+        model_share = (st["embed"]["seconds"] + q["seconds"] * q_embed / max(q_embed + q_search + q_filter, 1e-9))
+        notes.append(f"share of the wall time not spent embedding: {1 - model_share / run32['wall']:.3f}")
+        if run16:
+            r32, r16 = neighbor_recalls(tmp / "fp32", [tmp / "bf16"])
+            notes.append(f"recall@10 of the saved neighbours (500 train query chunks, exact fp32 search, same filter): "
+                         f"fp32 {r32:.4f}, bf16 {r16:.4f} (difference {r32 - r16:+.4f})")
+            notes.append(f"bf16 build vs fp32 baseline: {base['wall'] / run16['wall']:.2f}x faster")
+        text = out + "\n\n" + "\n".join(f"- {n}" for n in notes)
+        print(f"\nend to end on the sample corpus, {machine()}\n")
+        print(text)
+        if args.record:
+            record_results("end to end: sample corpus", text, "python benchmarks/e2e.py --record")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Benchmark: index-add (block encoding + merge) against a single-process Faiss add.
+
+Synthetic, clustered 384-d vectors (``--vectors``, default 5M; generated block
+by block, never all in memory) are written to a workdir's embeddings.zarr
+first, with a training sample, and the index (``--index-str``, default
+IVF4096,Flat) is trained once. Then, in the same run:
+
+- baseline: one process, Faiss's own threads on every core, reads the vectors
+  block by block, ``add_with_ids`` of all of them, ``write_index``;
+- pipeline, 1 worker with every core (threads), and 2 single-thread workers:
+  ``--tasks index-add`` (encode blocks in the workers, merge, assemble, write);
+- the same 2-worker pipeline with ``--index-on-disk``;
+- a 4x smaller database through the 2-worker pipeline, for memory.
+
+It prints wall times, pipeline/baseline (goal: at most 1.1 with 1 worker,
+below 1 with 2), the merge's own time, and the peak RSS of each worker during
+encoding and of the assembly (flat with ``--index-on-disk`` when the vectors
+grow 4x; in memory the assembling worker holds the index by definition).
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/index.py [--vectors 5e6]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, machine, record_results, table
+
+D = 384
+BLOCK = 1024
+
+
+def make_workdir(w: Path, n: int, index_str: str, ntrain: int, seed: int = 0) -> None:
+    """A workdir holding synthetic embeddings (as the embed stage leaves it) and a training sample."""
+    from retro_dask import arrays
+    from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, IndexConfig, QueryConfig
+    from retro_dask.workdir import atomic_write_bytes, config_path, embeddings_path, mark_stage_done, sampled_path
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((2000, D)).astype(np.float32) * 2
+    arrays.create(embeddings_path(w), (n, D), np.float32, BLOCK, compressed=False)
+    for b in range(-(-n // BLOCK)):
+        m = min(BLOCK, n - b * BLOCK)
+        x = centers[rng.integers(0, len(centers), m)] + rng.standard_normal((m, D), dtype=np.float32)
+        arrays.write_block(str(w), "embed", embeddings_path(w), b, x)
+    sample = np.sort(rng.choice(n, size=min(ntrain, n), replace=False))
+    s = arrays.create(sampled_path(w), sample.shape, np.int64, 1 << 20)
+    s[:] = sample
+    mark_stage_done(w, "embed", {})
+    config = BuildConfig(ChunkConfig(DataBlend((1.0,), ("/synthetic",)), block_size=BLOCK),
+                         index=IndexConfig(index_str=index_str, ntrain=ntrain), query=QueryConfig())
+    atomic_write_bytes(config_path(w), config.to_json().encode())
+
+
+def run_stage(w: Path, task: str, workers: int, threads: int, on_disk: bool = False) -> dict:
+    """One index stage through the library in a fresh process (its own peak RSS, its own cluster)."""
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from retro_dask.build import recorded_config, run_stage
+from retro_dask.cluster import open_client
+from retro_dask.config import RunOptions, IndexConfig, BuildConfig
+from retro_dask.runner import Runner
+def main():
+    w = {str(w)!r}
+    config = recorded_config(w)
+    config = BuildConfig(config.chunk, config.embed, IndexConfig(**{{**config.index.__dict__, "on_disk": {on_disk}}}), config.query)
+    options = RunOptions(n_workers={workers}, threads_per_worker={threads}, dashboard_address="127.0.0.1:0", progress=False)
+    with open_client(options, w, log=lambda m: None) as client:
+        stats = run_stage({task!r}, Runner(w, client, progress=False, log=lambda m: None), config, options, print)
+    print("STATS" + json.dumps(stats))
+if __name__ == "__main__":
+    main()
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.split("STATS", 1)[1])
+
+
+def baseline_add(w: Path, tag: str) -> dict:
+    code = f"""
+import json, os, resource, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np
+from retro_dask import arrays
+from retro_dask.faiss_util import faiss
+from retro_dask.index import read_index_file
+from retro_dask.workdir import embeddings_path, trained_index_path
+w, tag = {str(w)!r}, {tag!r}
+t0 = time.perf_counter()
+f = faiss(); f.omp_set_num_threads(os.cpu_count())
+index = read_index_file(trained_index_path(w, tag))
+emb = arrays.open_read(embeddings_path(w)); B = emb.chunks[0]
+for lo in range(0, emb.shape[0], B):
+    x = np.ascontiguousarray(emb[lo : lo + B], dtype=np.float32)
+    index.add_with_ids(x, np.arange(lo, lo + len(x), dtype=np.int64))
+t_add = time.perf_counter()
+f.write_index(index, os.path.join(w, "baseline.faissindex"))
+print("STATS" + json.dumps({{"seconds": time.perf_counter() - t0, "add_seconds": t_add - t0,
+      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    os.unlink(w / "baseline.faissindex")
+    return json.loads(out.split("STATS", 1)[1])
+
+
+def reset_add(w: Path, tag: str) -> None:
+    from retro_dask.workdir import Ledger, clear_stage_done, index_dir
+
+    for name in ("added.faissindex", "added.ivfdata"):
+        (index_dir(w, tag) / name).unlink(missing_ok=True)
+    shutil.rmtree(index_dir(w, tag) / "partials", ignore_errors=True)
+    for folder in (w / ".retro" / "blocks").glob("index-*"):
+        shutil.rmtree(folder)
+    clear_stage_done(w, "index-add")
+
+
+def encode_peaks(w: Path) -> str:
+    stats = json.loads((w / "stats" / "index-add.json").read_text())
+    return " / ".join(f"{v:.0f}" for v in stats["worker_peak_rss_mb"].values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--vectors", type=float, default=5e6)
+    p.add_argument("--index-str", default="IVF4096,Flat")
+    p.add_argument("--ntrain", type=int, default=200_000)
+    p.add_argument("--dir", default=None, help="scratch folder (needs ~3x the vectors' size free)")
+    p.add_argument("--record", action="store_true")
+    args = p.parse_args()
+    n = int(args.vectors)
+    tmp = Path(tempfile.mkdtemp(prefix="retro-index-bench-", dir=args.dir))
+    cores = os.cpu_count() or 1
+    try:
+        t0 = time.perf_counter()
+        big, small = tmp / "big", tmp / "small"
+        make_workdir(big, n, args.index_str, args.ntrain)
+        make_workdir(small, n // 4, args.index_str, args.ntrain, seed=1)
+        print(f"wrote {n:,} + {n // 4:,} vectors in {time.perf_counter() - t0:.0f} s", flush=True)
+        train = run_stage(big, "index-train", 1, cores)
+        run_stage(small, "index-train", 1, cores)
+        tag = train["tag"]
+        print(f"trained {train['factory']} in {train['seconds']:.1f} s", flush=True)
+        rows = []
+        base = baseline_add(big, tag)
+        rows.append(["baseline: one process, Faiss threads", n, f"{base['seconds']:.1f}", "1.00", "-", "-",
+                     f"{base['rss_mb']:.0f}"])
+        print(json.dumps({"baseline": base}), flush=True)
+        for label, workers, threads, disk, w in (
+            (f"pipeline: 1 worker x {cores} threads", 1, cores, False, big),
+            (f"pipeline: {cores} workers x 1 thread", cores, 1, False, big),
+            (f"pipeline: {cores} workers, --index-on-disk", cores, 1, True, big),
+            (f"pipeline: {cores} workers, 4x fewer vectors", cores, 1, False, small),
+            (f"pipeline: {cores} workers, on disk, 4x fewer", cores, 1, True, small),
+        ):
+            reset_add(w, tag)
+            stats = run_stage(w, "index-add", workers, threads, disk)
+            print(json.dumps({label: stats}), flush=True)
+            rows.append([label, stats["ntotal"], f"{stats['seconds']:.1f}",
+                         f"{stats['seconds'] / base['seconds']:.2f}" if w is big else "-",
+                         f"{stats['merge_seconds'] + stats['assemble_seconds']:.1f}", encode_peaks(w),
+                         f"{stats['assemble_worker_peak_rss_mb']:.0f}"])
+        out = table(rows, ["run", "vectors", "wall s", "/ baseline", "merge + assemble s",
+                           "encode worker peak MB", "assembly peak MB"])
+        print(f"\nindex-add, {args.index_str} on {D}-d vectors, {machine()}\n")
+        print(out)
+        if args.record:
+            record_results(f"index-add: {args.index_str}, {n:,} vectors", out,
+                           f"python benchmarks/index.py --vectors {args.vectors:g} --record")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
