@@ -119,10 +119,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--record", action="store_true")
     p.add_argument("--skip-bf16", action="store_true")
+    p.add_argument("--docs", type=int, default=None, help="only the first N sample documents (a quick check)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="retro-e2e-bench-"))
     try:
-        prefix = sample_corpus(tmp)
+        prefix = sample_corpus(tmp, args.docs)
         run32 = pipeline(tmp / "fp32", prefix, "fp32")
         print(f"pipeline fp32: {run32['wall']:.1f} s", flush=True)
         factory = run32["stats"]["index-train"]["factory"]

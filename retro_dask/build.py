@@ -139,10 +139,7 @@ def run_build(
     validate_inputs(config, stages)
     check_writable(workdir)
     t0 = time.perf_counter()
-    try:
-        lock = WorkdirLock(workdir).acquire()
-    except RetroError:
-        raise
+    lock = WorkdirLock(workdir).acquire()
     try:
         if recorded is None:
             atomic_write_bytes(config_path(workdir), config.to_json().encode())
@@ -154,7 +151,8 @@ def run_build(
         from .runner import Runner
 
         with open_client(options, workdir, log=log) as client:
-            runner = Runner(workdir, client, progress=options.progress, log=log, embed_batch_size=options.embed_batch_size)
+            runner = Runner(workdir, client, progress=options.progress, log=log,
+                            embed_batch_size=options.embed_batch_size)
             for stage in stages:
                 log(f"== {stage}")
                 summary.stats[stage] = run_stage(stage, runner, config, options, log)

@@ -31,12 +31,21 @@ import numpy as np
 from . import arrays
 from .config import EmbedConfig
 from .errors import InputError
+from .plan import length_batches
 from .runner import block_record, worker_threads
 from .tokenizer import BertTokenizerSpec, GPTTokenizerSpec, default_bert_dir, get_bert_tokenizer, get_gpt_tokenizer
 from .workdir import chunks_path, embeddings_path
 
 CPU_BATCH = 64
 GPU_BATCH = 1024
+# CPU batching (plan.length_batches): a model call costs about as much as 190
+# padded tokens of all-MiniLM-L6-v2 on this kind of CPU (measured: batches of
+# 32, 64 and 128 length-sorted chunks), and a batch's largest activation
+# (tokens x intermediate size x 4 bytes) stays under glibc's 32 MiB mmap
+# ceiling, beyond which every batch would page-fault its activations in again.
+CPU_BATCH_COST_TOKENS = 190
+CPU_MAX_BATCH = 128
+ACTIVATION_BYTES = 30 << 20
 
 
 def bert_dir(model: str | None) -> str:
@@ -81,6 +90,32 @@ def _torch():
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
+def default_device() -> str:
+    """Where this process runs BERT: ``RETRO_DASK_DEVICE`` if set, else
+
+    - a Dask worker uses its GPU only if it is a CUDA worker (started by
+      dask-cuda: ``LocalCUDACluster`` or ``dask cuda worker``, one per GPU), so
+      that the many CPU workers of a plain cluster on a GPU machine do not all
+      crowd onto one GPU;
+    - any other process (synchronous runs, notebooks) uses a GPU if there is one.
+    """
+    import sys
+
+    forced = os.environ.get("RETRO_DASK_DEVICE")
+    if forced:
+        return forced
+    torch = _torch()
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return "cuda"
+    return "cuda" if "dask_cuda" in sys.modules else "cpu"
+
+
 def tune_allocator() -> bool:
     """Keep BERT's activations in the heap instead of fresh mmaps on every batch.
 
@@ -114,7 +149,7 @@ class Embedder:
         self.config = config
         self.model_dir = bert_dir(config.bert_model)
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         self.device = torch.device(device)
         if self.device.type == "cpu":
             tune_allocator()
@@ -130,6 +165,8 @@ class Embedder:
         self.dim = int(model.config.hidden_size)
         self.tokenizer = get_bert_tokenizer(BertTokenizerSpec(self.model_dir))
         self.batch_size = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
+        element = 2 if config.embed_dtype in ("bf16", "fp16") else 4
+        self.max_tokens = max(256, ACTIVATION_BYTES // (int(model.config.intermediate_size) * element))
         self.lock = threading.Lock()
 
     def embed_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None,
@@ -145,12 +182,9 @@ class Embedder:
         if n == 0:
             return out
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        order = np.argsort(lengths, kind="stable")
-        bs = batch_size or self.batch_size
         pad = self.tokenizer.pad_id
         with self.lock, torch.inference_mode():
-            for lo in range(0, n, bs):
-                sel = order[lo : lo + bs]
+            for sel in self.batches(lengths, batch_size):
                 width = int(lengths[sel].max())
                 if counts is not None:
                     counts["tokens"] = counts.get("tokens", 0) + int(lengths[sel].sum())
@@ -172,6 +206,14 @@ class Embedder:
                 count = pool.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
                 out[sel] = (summed / count).cpu().numpy()
         return out
+
+    def batches(self, lengths: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+        """Index arrays of the batches, by length. A given batch size means fixed, length-sorted batches."""
+        if batch_size or self.device.type != "cpu":
+            bs = batch_size or self.batch_size
+            order = np.argsort(lengths, kind="stable")
+            return [order[lo : lo + bs] for lo in range(0, len(order), bs)]
+        return length_batches(lengths, CPU_MAX_BATCH, CPU_BATCH_COST_TOKENS, self.max_tokens)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         ids = self.tokenizer.encode_for_model(list(texts), self.config.max_chunk_length, num_threads=1)

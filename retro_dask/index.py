@@ -97,6 +97,13 @@ def check_supported(index, factory: str) -> None:
     )
 
 
+def use_gpu_here() -> bool:
+    """faiss-gpu is installed and this process runs on a GPU (see embed.default_device)."""
+    from .embed import default_device
+
+    return has_gpu() and default_device() == "cuda"
+
+
 def read_index_file(path: str | Path, mmap: bool = False):
     f = faiss()
     flags = 0
@@ -160,17 +167,21 @@ def train_task(workdir: str, tag: str, factory: str, threads: int) -> dict[str, 
     previous = f.omp_get_max_threads()
     f.omp_set_num_threads(threads)
     used_gpu = False
+    ivf = ivf_of(index)
+    clustering = None
     try:
-        ivf = ivf_of(index)
-        if ivf is not None and has_gpu():
-            # Clustering (the costly part of training) on every GPU of this worker.
-            ivf.clustering_index = f.index_cpu_to_all_gpus(f.IndexFlatL2(ivf.d))
+        if ivf is not None and use_gpu_here():
+            # Clustering (the costly part of training) on every GPU of this worker. Faiss's
+            # pointer field holds no Python reference: keep the GPU index alive here.
+            clustering = f.index_cpu_to_all_gpus(f.IndexFlatL2(ivf.d))
+            ivf.clustering_index = clustering
             used_gpu = True
         index.train(x)
     finally:
         f.omp_set_num_threads(previous)
-    if ivf is not None:
-        ivf.clustering_index = None
+        if ivf is not None:
+            ivf.clustering_index = None
+        del clustering
     t_train = time.perf_counter()
     path = trained_index_path(workdir, tag)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,8 +375,10 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
     index = read_index_file(trained_index_path(workdir, tag))
     layout = IndexLayout.of(index)
     ivf = ivf_of(index)
-    parts = [Partial.load(partial_folder(workdir, tag, level, i), mmap=True) for i in numbers]
-    ntotal = int(sum(len(p.ids) for p in parts))
+    folders = [partial_folder(workdir, tag, level, i) for i in numbers]
+    ntotal = 0
+    for folder in folders:
+        ntotal += len(np.load(folder / "ids.npy", mmap_mode="r", allow_pickle=False))
     final = added_index_path(workdir, tag)
     ivfdata = added_ivfdata_path(workdir, tag)
     with atomic_path(index_dir(workdir, tag) / "assemble") as tmp:
@@ -374,15 +387,15 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
             if on_disk:
                 raise InputError("--index-on-disk needs an IVF index (inverted lists live on disk)")
             chain = index_chain(index)
-            for p in parts:
+            for p in partials(folders):
                 chain[-1].add_sa_codes(np.ascontiguousarray(p.codes))
         elif on_disk:
-            invlists = write_ondisk_lists(parts, layout, tmp / ivfdata.name, str(ivfdata))
+            invlists = write_ondisk_lists(folders, layout, tmp / ivfdata.name, str(ivfdata))
             ivf.replace_invlists(invlists, True)
             invlists.this.disown()
         else:
             invlists = ivf.invlists
-            for p in parts:
+            for p in partials(folders):
                 _fill(invlists, p)
         _set_ntotal(index, ntotal)
         f.write_index(index, str(tmp / final.name))
@@ -397,7 +410,16 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
         **file_record(workdir, final), **(file_record(workdir, ivfdata) if on_disk else {})}}
 
 
-def write_ondisk_lists(parts: Sequence[Partial], layout: IndexLayout, data_path: Path, final_path: str):
+def partials(folders: Sequence[Path]):
+    """Partials one at a time, memory-mapped; each is unmapped before the next is opened,
+    so the pages read stay out of the assembling worker's RSS (which Dask watches)."""
+    for folder in folders:
+        p = Partial.load(folder, mmap=True)
+        yield p
+        del p
+
+
+def write_ondisk_lists(folders: Sequence[Path], layout: IndexLayout, data_path: Path, final_path: str):
     """Write Faiss on-disk inverted lists with plain file writes; return their OnDiskInvertedLists.
 
     The file has Faiss's own layout (``OnDiskInvertedLists.set_all_lists_sizes``:
@@ -410,8 +432,9 @@ def write_ondisk_lists(parts: Sequence[Partial], layout: IndexLayout, data_path:
     """
     f = faiss()
     sizes = np.zeros(layout.nlist, dtype=np.uint64)
-    for p in parts:
-        sizes[np.asarray(p.lists)] += np.asarray(p.counts, dtype=np.uint64)
+    for folder in folders:
+        lists = np.load(folder / "lists.npy", allow_pickle=False)
+        sizes[lists] += np.load(folder / "counts.npy", allow_pickle=False).astype(np.uint64)
     entry = layout.code_size + 8
     offsets = np.concatenate([[0], np.cumsum(sizes.astype(np.int64) * entry)])
     total = max(int(offsets[-1]), 1)
@@ -419,7 +442,7 @@ def write_ondisk_lists(parts: Sequence[Partial], layout: IndexLayout, data_path:
     fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, total)
-        for p in parts:
+        for p in partials(folders):
             ids, codes = p.ids, p.codes
             ends = np.cumsum(p.counts)
             for l, n, end in zip(np.asarray(p.lists).tolist(), np.asarray(p.counts).tolist(), ends.tolist()):

@@ -35,8 +35,9 @@ MIN_POINTS_PER_LIST = 39
 MERGE_TARGET = 128 << 20
 MERGE_BUDGET = 1 << 30
 FINAL_FAN_IN = 64
-# Faiss's k-means subsamples to 256 points per centroid; more is wasted.
-MAX_POINTS_PER_LIST = 256
+# Training points per list for the default sample: within Faiss's advice
+# (30 to 256 per centroid) and affordable: k-means costs n_train x nlist x d.
+POINTS_PER_LIST = 64
 ID_BYTES = 8
 
 
@@ -88,7 +89,7 @@ def default_ntrain(core: str, n_chunks: int) -> int:
     nlist = nlist_of(core)
     if nlist == 0:
         return min(n_chunks, 65536) if "PQ" in core else 0
-    want = MAX_POINTS_PER_LIST * nlist
+    want = POINTS_PER_LIST * nlist
     if "PQ" in core:
         want = max(64 * nlist, 65536)
     return min(n_chunks, want)

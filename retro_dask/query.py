@@ -13,6 +13,7 @@ then ``meta.json``.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +74,14 @@ def document_lookup(workdir: str) -> tuple[np.ndarray, np.ndarray]:
             np.load(doc_keys_path(workdir), mmap_mode="r", allow_pickle=False))
 
 
-def searcher(workdir: str, tag: str, nprobe: int, ef_search: int):
-    index = load_index(added_index_path(workdir, tag), mmap=True)
-    ps = faiss().ParameterSpace()
+def searcher(workdir: str, tag: str, nprobe: int, ef_search: int, k: int = 0):
+    """This worker's search index with the query settings: on its GPU where it fits, else memory-mapped."""
+    path = added_index_path(workdir, tag)
+    index = None
+    if nprobe <= GPU_MAX_K and k <= GPU_MAX_K:
+        index = gpu_index(str(path), os.stat(path).st_mtime_ns)
+    index = index or load_index(path, mmap=True)
+    ps = faiss().GpuParameterSpace() if is_gpu_index(index) else faiss().ParameterSpace()
     ps.initialize(index)
     names = {ps.parameter_ranges.at(i).name for i in range(ps.parameter_ranges.size())}
     if "nprobe" in names:
@@ -85,6 +91,46 @@ def searcher(workdir: str, tag: str, nprobe: int, ef_search: int):
     if "efSearch" in names:
         ps.set_index_parameter(index, "efSearch", ef_search)
     return index
+
+
+def is_gpu_index(index) -> bool:
+    # With the cosine metric a GPU clone is a CPU IndexPreTransform around a GpuIndexIVF*.
+    from .index import index_chain
+
+    return any("Gpu" in type(x).__name__ for x in index_chain(index))
+
+
+_GPU_RESOURCES: dict[tuple[str, int], object] = {}
+GPU_MAX_K = 2048  # Faiss's GPU indexes refuse k or nprobe above this
+# Keep this share of the GPU's free memory for BERT and the search's own buffers.
+GPU_INDEX_SHARE = 0.5
+
+
+@functools.lru_cache(maxsize=2)
+def gpu_index(path: str, mtime_ns: int):
+    """The index cloned to this worker's GPU, or None (no faiss-gpu, no GPU, too big, or unsupported).
+
+    On-disk inverted lists stay on the CPU: they are the case of an index larger than memory.
+    """
+    from .index import use_gpu_here
+
+    if path.endswith(".faissindex") and os.path.exists(path[: -len(".faissindex")] + ".ivfdata"):
+        return None
+    try:
+        if not use_gpu_here():
+            return None
+        f = faiss()
+        import torch
+
+        free_bytes = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+        if os.path.getsize(path) > GPU_INDEX_SHARE * free_bytes:
+            return None
+        resources = f.StandardGpuResources()
+        index = f.index_cpu_to_gpu(resources, 0, f.read_index(path))
+        _GPU_RESOURCES[(path, mtime_ns)] = resources  # must live as long as the index
+        return index
+    except (RuntimeError, AttributeError, ImportError):
+        return None
 
 
 def filter_neighbors(ids: np.ndarray, neighbor_keys: np.ndarray, row_sample: np.ndarray,
@@ -138,7 +184,7 @@ def compute_neighbors(job: QueryJob, block: int) -> tuple[np.ndarray, dict[str, 
     ids = embedder.tokenizer.encode_for_model(texts, job.embed.max_chunk_length, num_threads=1)
     x = embedder.embed_ids(ids)
     t_embed = time.perf_counter()
-    index = searcher(job.workdir, job.tag, job.nprobe, job.ef_search)
+    index = searcher(job.workdir, job.tag, job.nprobe, job.ef_search, job.k_query)
     faiss().omp_set_num_threads(worker_threads())
     k = min(job.k_query, max(int(index.ntotal), 1))
     _, found = index.search(x, k)
@@ -247,12 +293,14 @@ def query_all_splits(runner, config, log=print) -> dict[str, Any]:
     return runner.write_stats("query-neighbors", None, time.perf_counter() - t0, nprobe=nprobe,
                               n_query_chunks=total, splits=per_split,
                               chunks_per_s=round(total / max(time.perf_counter() - t0, 1e-9), 2),
-                              worker_peak_rss_mb=_merge_peaks(results.values()))
+                              worker_peak_rss_mb=_merge_peaks(results.values(), "rss_mb"),
+                              worker_rss_anon_mb=_merge_peaks(results.values(), "rss_anon_mb"),
+                              worker_rss_file_mb=_merge_peaks(results.values(), "rss_file_mb"))
 
 
-def _merge_peaks(results) -> dict[str, float]:
+def _merge_peaks(results, key: str) -> dict[str, float]:
     peaks: dict[str, float] = {}
     for r in results:
-        for k, v in r.worker_peak_rss().items():
+        for k, v in r.worker_peak_rss(key).items():
             peaks[k] = max(peaks.get(k, 0.0), v)
     return {k: round(v, 1) for k, v in sorted(peaks.items())}

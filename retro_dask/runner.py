@@ -28,6 +28,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rss_breakdown_mb() -> dict[str, float]:
+    """This process's resident memory now: anonymous (its own) and file-backed (mapped files, e.g. an index)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    key = "rss_anon_mb" if line.startswith("RssAnon") else "rss_file_mb"
+                    out[key] = round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
+    return out
+
+
 def task_identity() -> str:
     """Which process ran a task: the Dask worker's address, or ``pid:N``."""
     try:
@@ -63,12 +77,14 @@ class StageResult:
     def total(self, key: str) -> float:
         return sum(float(r.get(key, 0) or 0) for r in self.records)
 
-    def worker_peak_rss(self) -> dict[str, float]:
+    def worker_peak_rss(self, key: str = "rss_mb") -> dict[str, float]:
+        """Per worker, the largest ``key`` its tasks reported (``rss_mb``: peak RSS so far;
+        ``rss_anon_mb`` / ``rss_file_mb``: anonymous / file-backed RSS at the end of a task)."""
         peaks: dict[str, float] = {}
         for r in self.records:
             w = r.get("worker")
-            if w is not None:
-                peaks[w] = max(peaks.get(w, 0.0), float(r.get("rss_mb", 0.0)))
+            if w is not None and key in r:
+                peaks[w] = max(peaks.get(w, 0.0), float(r[key]))
         return peaks
 
 
@@ -245,6 +261,8 @@ class Runner:
                 blocks_skipped=result.skipped,
                 blocks_computed=result.computed,
                 worker_peak_rss_mb={k: round(v, 1) for k, v in sorted(result.worker_peak_rss().items())},
+                worker_rss_anon_mb={k: round(v, 1) for k, v in sorted(result.worker_peak_rss("rss_anon_mb").items())},
+                worker_rss_file_mb={k: round(v, 1) for k, v in sorted(result.worker_peak_rss("rss_file_mb").items())},
             )
         atomic_write_json(stats_dir(self.workdir) / f"{stage}.json", stats)
         self.stage_stats[stage] = stats
@@ -258,5 +276,6 @@ def block_record(n_rows: int, t0: float, **extra: Any) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 4),
         "worker": task_identity(),
         "rss_mb": round(peak_rss_mb(), 1),
+        **rss_breakdown_mb(),
         **extra,
     }
