@@ -278,3 +278,52 @@ def test_tls_scheduler(tmp_path, small_corpus_prefix, tiny_bert):
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def _can_hide_a_folder() -> bool:
+    """A worker in its own mount namespace can have the workdir hidden under a tmpfs (needs root)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /mnt && umount /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_hide_a_folder(), reason="needs unshare and mount (root) to hide the workdir from a worker")
+def test_a_worker_that_cannot_see_the_workdir_gets_a_clear_error(tmp_path, small_corpus_prefix, tiny_bert):
+    from test_e2e import free_port
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                       "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # This worker sees an empty folder where the workdir is: another filesystem at the same path.
+        procs.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                       f"mount -t tmpfs tmpfs {shared} && exec {sys.executable} -m "
+                                       f"distributed.cli.dask_worker {address} --nthreads 1 --host 127.0.0.1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        w = shared / "w"
+        deadline = time.time() + 60
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:  # wait until both workers joined
+            client.wait_for_workers(2, timeout=60)
+        t0 = time.time()
+        proc = run_build(["--workdir", w, "--tasks", "db-build", "--data-path", "1", small_corpus_prefix,
+                          "--bert-model", tiny_bert, "--seq-length", "256", "--scheduler", address],
+                         check=False, timeout=120)
+        assert time.time() < deadline + 120 and time.time() - t0 < 100
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "some Dask workers cannot use the workdir" in proc.stderr and "same path" in proc.stderr
+        assert not (w / "db").exists()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
