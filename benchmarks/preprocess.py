@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--range-mb", type=float, default=None,
                    help="input MiB per task (default: preprocess's choice, about 4 tasks per worker)")
     p.add_argument("--workdir", default=None, help="where to write the inputs and outputs (default: a temp dir)")
+    p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,15 +165,20 @@ def main(argv: list[str] | None = None) -> int:
 
             header = (f"{'input':<11} {'tokens':>10} {'tasks':>5} | {'contender':<12} {'wall s':>6} {'tokens/s':>10} "
                       f"{'ratio':>6} | {'CPU s':>6} {'tok/CPU-s':>10} {'ratio':>6}")
-            print(header)
-            print("-" * len(header))
+            lines = [header, "-" * len(header)]
             for name, size_mb, n_tokens, tasks, best in rows:
                 for k, contender in enumerate(best):
                     wall, cpu = best[contender]
                     ref_wall, ref_cpu = best["loop (jsonl)"]
                     lead = f"{name:<11} {n_tokens:>10,} {tasks:>5}" if k == 0 else " " * 28
-                    print(f"{lead} | {contender:<12} {wall:>6.2f} {n_tokens / wall:>10,.0f} {ref_wall / wall:>5.2f}x "
-                          f"| {cpu:>6.2f} {n_tokens / cpu:>10,.0f} {ref_cpu / cpu:>5.2f}x")
+                    lines.append(f"{lead} | {contender:<12} {wall:>6.2f} {n_tokens / wall:>10,.0f} "
+                                 f"{ref_wall / wall:>5.2f}x | {cpu:>6.2f} {n_tokens / cpu:>10,.0f} {ref_cpu / cpu:>5.2f}x")
+            print("\n".join(lines))
+            if args.record:
+                from common import record_results
+
+                record_results("preprocess: Dask against a single-thread loop", "```\n" + "\n".join(lines) + "\n```",
+                               "python benchmarks/preprocess.py --record")
             print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             print("ratio = the loop over the same jsonl (time or CPU) / the contender's; the outputs are identical "
                   "bytes.\ngoal: dask wall ratio >= 1.6x on 2 cores")
