@@ -133,7 +133,7 @@ def run(prefix: str, factory: str, nprobe: int, dtype: str = "fp32", batch: int 
         q_tokens, q_docs = [], []
         for i in range(plan.n_samples):
             s = shuffle[i]
-            (p0, o0), (p1, o1) = sample_idx[s], sample_idx[s + 1]
+            (p0, o0), (p1, _) = sample_idx[s], sample_idx[s + 1]
             docs = doc_idx[p0 : p1 + 1]
             stream = np.concatenate([ds[int(d)] for d in docs])[o0 : o0 + SEQ]
             for c in range(SEQ // CHUNK):

@@ -53,7 +53,6 @@ def synthetic_corpus(folder: Path, base_prefix: str, n_tokens: float, seed: int 
 
 def loop_baseline(prefix: str) -> dict:
     """One process, one thread: cut chunks, detokenize, BERT-tokenize (what db-build's workers do)."""
-    from retro_dask.config import BuildConfig, ChunkConfig, DataBlend
     from retro_dask.indexed_dataset import IndexedDataset
     from retro_dask.plan import split_document_ranges
     from retro_dask.tokenizer import get_bert_tokenizer, get_gpt_tokenizer

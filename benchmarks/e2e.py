@@ -170,7 +170,6 @@ def main() -> None:
         if run16:
             rows.append(["total, --embed-dtype bf16", f"{run16['wall']:.1f}", f"{model_chunks / run16['wall']:,.1f}",
                          f"{base['wall']:.1f} (fp32)", f"{run16['wall'] / base['wall']:.2f}", "-", "-", "-"])
-        not_embedding = run32["wall"] - st["embed"]["seconds"] - st["query-neighbors"].get("embed_seconds_wall", 0)
         out = table(rows, ["stage", "pipeline s", "chunks/s", "baseline s", "pipeline/baseline", "pipeline/ceiling",
                            "driver peak MB", "worker peak MB"])
         notes = [f"database chunks: {n_db:,}; query chunks: {n_q:,}; model ceiling (fp32, {CPU_BATCH}-chunk batches, "

@@ -9,7 +9,11 @@ For each precision, on the sample corpus's database chunks:
   single-thread worker per core), from the stage's own timing (model loading
   in the workers, detokenization and WordPiece included; cluster start not).
 
-It prints chunks/s of both, their ratio (goal: at least 0.9), the share of
+The two are measured in turn ``--repeats`` times (default 2) and the best of
+each is kept: on a shared machine the same work varies by 10% from minute to
+minute, and interleaving exposes both to the same conditions. It prints
+chunks/s of both, their ratio (goal: at least 0.9), the model's own share of
+the stage (the workers' forward-pass time against the ceiling's), the share of
 padding tokens, and each worker's peak RSS on a 5x smaller corpus and on the
 whole one (it must not grow with the number of chunks).
 
@@ -22,7 +26,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from common import machine, model_ceiling, record_results, sample_corpus, table
@@ -53,6 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--small-docs", type=int, default=2000, help="documents of the small corpus for the RSS check")
+    p.add_argument("--repeats", type=int, default=2, help="ceiling and pipeline runs, interleaved; best of each")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
     from retro_dask.embed import CPU_BATCH
@@ -66,22 +70,30 @@ def main() -> None:
         ids = chunk_ids(tmp / "db")
         rows = []
         for dtype in args.dtypes.split(","):
-            ceiling = model_ceiling(default_bert_dir(), dtype, ids, batch=CPU_BATCH)
-            w = tmp / f"w-{dtype}"
-            build(w, full, dtype, "db-build")
-            stats = build(w, full, dtype, "embed")["embed"]
+            ceilings, runs = [], []
+            for rep in range(args.repeats):
+                ceilings.append(model_ceiling(default_bert_dir(), dtype, ids, batch=CPU_BATCH))
+                w = tmp / f"w-{dtype}-{rep}"
+                build(w, full, dtype, "db-build")
+                runs.append(build(w, full, dtype, "embed")["embed"])
+                shutil.rmtree(w, ignore_errors=True)
+            ceiling = max(ceilings, key=lambda c: c["chunks_per_s"])
+            stats = min(runs, key=lambda r: r["seconds"])
             ws = tmp / f"s-{dtype}"
             small_stats = build(ws, small, dtype, "db-build,embed")["embed"]
             rss_small = max(small_stats["worker_peak_rss_mb"].values())
             rss_full = max(stats["worker_peak_rss_mb"].values())
             rate = stats["n_chunks"] / stats["seconds"]
+            workers = max(len(stats["worker_peak_rss_mb"]), 1)
+            model_rate = stats["n_chunks"] / (stats["model_seconds_total"] / workers)
             rows.append([dtype, stats["n_chunks"], f"{ceiling['chunks_per_s']:.1f}", f"{rate:.1f}",
-                         f"{rate / ceiling['chunks_per_s']:.3f}", f"{ceiling['padding_share']:.3f}",
+                         f"{rate / ceiling['chunks_per_s']:.3f}", f"{model_rate / ceiling['chunks_per_s']:.3f}",
+                         f"{ceiling['padding_share']:.3f}",
                          f"{stats['padding_share']:.3f}", f"{rss_small:.0f} ({small_stats['n_chunks']})",
                          f"{rss_full:.0f} ({stats['n_chunks']})"])
             print(json.dumps({"dtype": dtype, "ceiling": ceiling, "stage": stats}, indent=1))
         out = table(rows, ["dtype", "chunks", "ceiling chunks/s", "pipeline chunks/s", "pipeline/ceiling",
-                           "padding (ceiling)", "padding (pipeline)", "worker peak MB (small corpus)",
+                           "forward passes alone/ceiling", "padding (ceiling)", "padding (pipeline)", "worker peak MB (small corpus)",
                            "worker peak MB (full)"])
         print(f"\nembed stage vs model ceiling on {machine()}\n")
         print(out)

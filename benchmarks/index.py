@@ -115,7 +115,7 @@ print("STATS" + json.dumps({{"seconds": time.perf_counter() - t0, "add_seconds":
 
 
 def reset_add(w: Path, tag: str) -> None:
-    from retro_dask.workdir import Ledger, clear_stage_done, index_dir
+    from retro_dask.workdir import clear_stage_done, index_dir
 
     for name in ("added.faissindex", "added.ivfdata"):
         (index_dir(w, tag) / name).unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from .plan import (
     sample_rows,
     split_document_ranges,
 )
-from .runner import Runner, block_record, worker_threads
+from .runner import Runner, block_record
 from .tokenizer import BertTokenizerSpec, GPTTokenizerSpec, get_bert_tokenizer, get_gpt_tokenizer
 from .workdir import (
     atomic_path,
@@ -52,7 +52,6 @@ from .workdir import (
     doc_starts_path,
     infos_path,
     mark_stage_done,
-    read_json,
     sampled_path,
     stage_done,
 )
@@ -365,14 +364,6 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
     )
     mark_stage_done(w, "db-build", {"n_chunks": n_chunks})
     return stats
-
-
-def read_infos(workdir: str) -> list[dict[str, Any]]:
-    return read_json(infos_path(workdir))
-
-
-def db_chunks_per_dataset(workdir: str) -> list[int]:
-    return [int(i["n_chunks_train"]) for i in read_infos(workdir)]
 
 
 def lazy_candidate_boundaries(config: BuildConfig):

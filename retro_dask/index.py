@@ -24,7 +24,6 @@ Indexes without inverted lists whose codes can be appended (``Flat``, ``PQ``,
 from __future__ import annotations
 
 import functools
-import math
 import os
 import shutil
 import time
@@ -49,11 +48,9 @@ from .workdir import (
     index_dir,
     index_partials_dir,
     mark_stage_done,
-    read_json,
     sampled_path,
     stage_done,
     trained_index_path,
-    write_error,
 )
 
 
@@ -487,7 +484,6 @@ def add_to_index(runner, config, log=print) -> dict[str, Any]:
     w = runner.workdir
     t0 = time.perf_counter()
     tag = index_tag(w)
-    trained = trained_index_path(w, tag)
     emb = arrays.open_read(embeddings_path(w))
     n, B = emb.shape[0], emb.chunks[0]
     n_blk = -(-n // B)

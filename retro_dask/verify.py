@@ -437,7 +437,6 @@ def neighbor_recall(runner, config, splits, rng, log) -> dict[str, Any]:
     import dask
 
     from .db import doc_key, gpt_spec, lookup_documents
-    from .embed import chunk_texts, get_embedder
     from .query import document_lookup, filter_neighbors, open_samples
 
     w = runner.workdir

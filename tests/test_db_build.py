@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -154,3 +153,28 @@ def test_rerun_skips_finished_blocks(tmp_path, small_corpus_prefix):
     run_build(tmp_path / "w", config, SYNC, "db-build", log=messages.append)
     assert any("already done: skipped" in m for m in messages)
     assert tree_bytes(tmp_path / "w") == before
+
+
+def test_candidate_boundaries_are_a_lazy_array_that_reads_no_token(tmp_path, small_corpus_prefix, second_corpus_prefix,
+                                                                   monkeypatch):
+    import dask.array as da
+
+    from retro_dask.db import lazy_candidate_boundaries
+    from retro_dask.indexed_dataset import IndexedDataset
+
+    config = db_config([small_corpus_prefix, second_corpus_prefix], block_size=100)
+    run_build(tmp_path / "w", config, SYNC, "db-build", log=lambda m: None)
+    stored = zarr.open_array(str(tmp_path / "w" / "db" / "candidates.zarr"), mode="r")[:]
+
+    def no_tokens(*args, **kwargs):
+        raise AssertionError("a token was read")
+
+    monkeypatch.setattr(IndexedDataset, "get", no_tokens)
+    monkeypatch.setattr(IndexedDataset, "__getitem__", no_tokens)
+    lazy = lazy_candidate_boundaries(config)
+    assert isinstance(lazy, da.Array) and lazy.chunks[0][0] == 100
+    boundaries = lazy.compute(scheduler="synchronous")
+    # Same chunks as db-build's candidates; their ends differ only where a trailing EOD was trimmed.
+    np.testing.assert_array_equal(boundaries[:, :3], stored[:, :3])
+    trimmed = boundaries[:, 3] != stored[:, 3]
+    assert np.all(boundaries[trimmed, 3] == stored[trimmed, 3] + 1)

@@ -9,10 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 from conftest import ROOT, build_args, run_build, tree_bytes

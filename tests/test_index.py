@@ -33,7 +33,7 @@ def workdir_with_embeddings(tmp_path, tiny_bert, vectors, index_str, metric="cos
         index=IndexConfig(index_str=index_str, metric=metric, on_disk=on_disk),
         query=QueryConfig(seq_length=128),
     )
-    arr = arrays.create(embeddings_path(w), vectors.shape, np.float32, BLOCK, compressed=False)
+    arrays.create(embeddings_path(w), vectors.shape, np.float32, BLOCK, compressed=False)
     for b in range(-(-len(vectors) // BLOCK)):
         arrays.write_block(str(w), "embed", embeddings_path(w), b, vectors[b * BLOCK : (b + 1) * BLOCK])
     rng = np.random.default_rng(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -12,9 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
 from conftest import ROOT, build_args, run_build, tree_bytes
 
