@@ -135,16 +135,21 @@ def main() -> None:
                          f"{stats['chunks_per_s']:,.0f}", f"{rate:,.0f}", f"{base['chunks_per_s']:,.0f}" if base else "-",
                          f"{rate / base['chunks_per_s']:.2f}" if base else "-",
                          f"{rate / ceiling['chunks_per_s']:.2f}" if ceiling else "-",
-                         f"{stats['driver_peak_rss_mb']:.0f}", " / ".join(f"{v:.0f}" for v in workers.values())])
+                         f"{stats['driver_peak_rss_mb']:.0f}", " / ".join(f"{v:.0f}" for v in workers.values()),
+                         " / ".join(f"{v:.0f}" for v in stats["worker_rss_anon_mb"].values()),
+                         " / ".join(f"{v:.0f}" for v in stats["worker_rss_file_mb"].values())])
             print(json.dumps({"corpus": name, "stats": stats, "baseline": base, "loops_per_core": ceiling}, indent=1))
             shutil.rmtree(tmp / f"w-{name}", ignore_errors=True)
         notes = ("\n\n- length pass: the candidate blocks (read, detokenize, BERT-tokenize, write); pipeline: "
                  "the whole stage (plus compaction into chunks.zarr, the document index and sampled.zarr)"
                  "\n- pipeline/loop: against one single-thread loop doing the same detokenize + BERT-tokenize work; "
                  "pipeline/(loop per core): against that loop run once per core at the same time, each on the "
-                 "whole corpus (their summed rate is the machine's ceiling for this work)")
+                 "whole corpus (their summed rate is the machine's ceiling for this work)"
+                 "\n- worker memory: peak RSS over the blocks, and at the end of a block its anonymous part (the "
+                 "worker's own memory) and its file-backed part (mapped corpus and library pages)")
         out = table(rows, ["corpus", "tokens", "chunks", "db-build s", "length pass chunks/s", "pipeline chunks/s", "loop chunks/s",
-                           "pipeline/loop", "pipeline/(loop per core)", "driver peak MB", "worker peak MB"]) + notes
+                           "pipeline/loop", "pipeline/(loop per core)", "driver peak MB", "worker peak MB", "worker anonymous MB",
+                           "worker file-backed MB"]) + notes
         print(f"\ndb-build on {machine()}\n")
         print(out)
         if args.record:

@@ -69,6 +69,12 @@ def open_dataset(prefix: str) -> IndexedDataset:
     return IndexedDataset(prefix)
 
 
+def release_dataset_pages(prefixes: Sequence[str]) -> None:
+    """Drop this process's mapped pages of these corpora: block tasks stream through them once."""
+    for prefix in prefixes:
+        open_dataset(prefix).release_pages()
+
+
 def gpt_spec(config: BuildConfig) -> GPTTokenizerSpec:
     c = config.chunk
     return GPTTokenizerSpec(vocab_file=c.gpt_vocab_file, merge_file=c.gpt_merge_file, tokenizer_json=c.gpt_tokenizer_json)
@@ -162,6 +168,7 @@ def trim_and_measure(job: CandidateJob, cand: np.ndarray) -> np.ndarray:
                 tokens = tokens[:-1]
                 out[i, 3] = end - 1
             texts[i] = gpt.decode(tokens)
+    release_dataset_pages(job.prefixes)
     nonempty = out[:, 3] > out[:, 2]
     lengths = bert.lengths(texts, num_threads=1)
     out[:, 4] = np.where(nonempty, lengths, 0)

@@ -250,6 +250,8 @@ def db_chunk_tokens(rows: np.ndarray, prefixes: Sequence[str]) -> list[np.ndarra
 def compute_embeddings(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec, prefixes: tuple[str, ...],
                        block: int, batch_size: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One block of embeddings.zarr (in the stored dtype) and the block's timings."""
+    from .db import release_dataset_pages
+
     t0 = time.perf_counter()
     chunks = arrays.open_read(chunks_path(workdir))
     B = chunks.chunks[0]
@@ -257,6 +259,7 @@ def compute_embeddings(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec,
     embedder = get_embedder(config)
     t_load = time.perf_counter()
     texts = chunk_texts(gpt, db_chunk_tokens(rows, prefixes))
+    release_dataset_pages(prefixes)
     ids = embedder.tokenizer.encode_for_model(texts, config.max_chunk_length, num_threads=1)
     t_tok = time.perf_counter()
     counts: dict[str, int] = {}

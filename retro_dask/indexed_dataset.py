@@ -33,6 +33,7 @@ is complete, so readers never see a half-written dataset.
 
 from __future__ import annotations
 
+import mmap
 import operator
 import os
 import struct
@@ -404,6 +405,19 @@ class IndexedDataset:
                 f"sequence {i} is out of range: {self.prefix} has {n} sequences"
             )
         return j
+
+    def release_pages(self) -> None:
+        """Unmap the ``.bin`` pages this process has touched (they stay in the page cache).
+
+        Pages read through the memory map count in the process's RSS until the
+        kernel needs them back, so a worker that streams through a large corpus
+        would look (to Dask's memory monitor) as if it held the corpus. Block
+        tasks call this when they finish; views returned earlier stay valid
+        (their pages are read in again on access).
+        """
+        mm = getattr(self._bin_map, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Sequence ``i`` (negative counts from the end), a read-only view of ``.bin``."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import arrays
 from .config import EmbedConfig
-from .db import doc_key, lookup_documents
+from .db import doc_key, lookup_documents, release_dataset_pages
 from .embed import chunk_texts, get_embedder
 from .errors import InputError
 from .faiss_util import faiss
@@ -181,6 +181,7 @@ def compute_neighbors(job: QueryJob, block: int) -> tuple[np.ndarray, dict[str, 
     chunk_tokens, pair_sample, pair_key = sample_chunks(samples, sample_ids)
     embedder = get_embedder(job.embed)
     texts = chunk_texts(job.gpt, chunk_tokens)
+    release_dataset_pages(samples.prefixes)
     ids = embedder.tokenizer.encode_for_model(texts, job.embed.max_chunk_length, num_threads=1)
     x = embedder.embed_ids(ids)
     t_embed = time.perf_counter()
