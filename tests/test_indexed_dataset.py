@@ -470,3 +470,33 @@ def test_pickle_round_trip(tmp_path):
     assert back.n_tokens == ds.n_tokens == 1001
     assert [s.tolist() for s in back] == docs
     assert np.shares_memory(back.sizes, back._idx_map)
+
+
+def _rss_file_kb() -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def test_release_pages_unmaps_what_was_read_and_views_stay_valid(tmp_path):
+    """Block tasks stream through the corpus: the pages they read must not stay in the worker's RSS."""
+    if _rss_file_kb() is None:
+        pytest.skip("needs /proc/self/status (Linux)")
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 50000, size=int(n), dtype=np.uint16) for n in rng.integers(1000, 3000, size=16_000)]
+    write_indexed_dataset(tmp_path / "d", docs, np.uint16)  # ~64 MB of tokens
+    ds = IndexedDataset(tmp_path / "d")
+    before = _rss_file_kb()
+    assert sum(int(ds[i][-1]) for i in range(len(ds))) == sum(int(d[-1]) for d in docs)  # touch every page
+    touched = _rss_file_kb()
+    view = ds[123]
+    ds.release_pages()
+    released = _rss_file_kb()
+    assert touched - before > 40_000, (before, touched)
+    assert released - before < 10_000, (before, touched, released)
+    assert view.tobytes() == docs[123].tobytes()
+    assert ds.get(5, 10, 20).tobytes() == docs[5][10:30].tobytes()
