@@ -42,6 +42,19 @@ def build(workdir: Path, prefix: str, dtype: str, tasks: str) -> dict:
     return summary.stats
 
 
+def peak_halfway_and_end(workdir: Path) -> str:
+    """Each worker's peak RSS after half of its blocks and after all of them (from the block ledger)."""
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for f in (workdir / ".retro" / "blocks" / "embed").glob("*.json"):
+        r = json.loads(f.read_text())
+        by_worker.setdefault(r["worker"], []).append((f.stat().st_mtime, r["rss_mb"]))
+    parts = []
+    for recs in by_worker.values():
+        peaks = [rss for _, rss in sorted(recs)]
+        parts.append(f"{max(peaks[: (len(peaks) + 1) // 2]):.0f} -> {max(peaks):.0f}")
+    return " / ".join(parts)
+
+
 def chunk_ids(workdir: Path) -> list[list[int]]:
     """The WordPiece ids the embed stage feeds the model, for the ceiling."""
     from retro_dask import inspect as retro
@@ -76,6 +89,7 @@ def main() -> None:
                 w = tmp / f"w-{dtype}-{rep}"
                 build(w, full, dtype, "db-build")
                 runs.append(build(w, full, dtype, "embed")["embed"])
+                runs[-1]["peak_halfway_and_end"] = peak_halfway_and_end(w)
                 shutil.rmtree(w, ignore_errors=True)
             ceiling = max(ceilings, key=lambda c: c["chunks_per_s"])
             stats = min(runs, key=lambda r: r["seconds"])
@@ -90,11 +104,11 @@ def main() -> None:
                          f"{rate / ceiling['chunks_per_s']:.3f}", f"{model_rate / ceiling['chunks_per_s']:.3f}",
                          f"{ceiling['padding_share']:.3f}",
                          f"{stats['padding_share']:.3f}", f"{rss_small:.0f} ({small_stats['n_chunks']})",
-                         f"{rss_full:.0f} ({stats['n_chunks']})"])
+                         f"{rss_full:.0f} ({stats['n_chunks']})", stats["peak_halfway_and_end"]])
             print(json.dumps({"dtype": dtype, "ceiling": ceiling, "stage": stats}, indent=1))
         out = table(rows, ["dtype", "chunks", "ceiling chunks/s", "pipeline chunks/s", "pipeline/ceiling",
                            "forward passes alone/ceiling", "padding (ceiling)", "padding (pipeline)", "worker peak MB (small corpus)",
-                           "worker peak MB (full)"])
+                           "worker peak MB (full)", "each worker's peak MB: half-way -> end (full)"])
         print(f"\nembed stage vs model ceiling on {machine()}\n")
         print(out)
         if args.record:
