@@ -39,6 +39,7 @@ from common import ROOT, machine, record_results, table
 
 D = 384
 BLOCK = 1024
+RUNS = ("1worker", "2workers", "disk", "small", "small-disk")
 
 
 def make_workdir(w: Path, n: int, index_str: str, ntrain: int, seed: int = 0) -> None:
@@ -137,7 +138,11 @@ def main() -> None:
     p.add_argument("--ntrain", type=int, default=200_000)
     p.add_argument("--dir", default=None, help="scratch folder (needs ~3x the vectors' size free)")
     p.add_argument("--record", action="store_true")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"pipeline runs, any of {','.join(RUNS)} (default all)")
     args = p.parse_args()
+    runs = args.runs.split(",")
+    if unknown := set(runs) - set(RUNS):
+        p.error(f"--runs: unknown {sorted(unknown)}; choose from {','.join(RUNS)}")
     n = int(args.vectors)
     tmp = Path(tempfile.mkdtemp(prefix="retro-index-bench-", dir=args.dir))
     cores = os.cpu_count() or 1
@@ -145,10 +150,13 @@ def main() -> None:
         t0 = time.perf_counter()
         big, small = tmp / "big", tmp / "small"
         make_workdir(big, n, args.index_str, args.ntrain)
-        make_workdir(small, n // 4, args.index_str, args.ntrain, seed=1)
-        print(f"wrote {n:,} + {n // 4:,} vectors in {time.perf_counter() - t0:.0f} s", flush=True)
+        with_small = any(r.startswith("small") for r in runs)
+        if with_small:
+            make_workdir(small, n // 4, args.index_str, args.ntrain, seed=1)
+        print(f"wrote {n:,}{f' + {n // 4:,}' if with_small else ''} vectors in {time.perf_counter() - t0:.0f} s", flush=True)
         train = run_stage(big, "index-train", 1, cores)
-        run_stage(small, "index-train", 1, cores)
+        if with_small:
+            run_stage(small, "index-train", 1, cores)
         tag = train["tag"]
         print(f"trained {train['factory']} in {train['seconds']:.1f} s", flush=True)
         rows = []
@@ -156,13 +164,15 @@ def main() -> None:
         rows.append(["baseline: one process, Faiss threads", n, f"{base['seconds']:.1f}", "1.00", "-", "-",
                      f"{base['rss_mb']:.0f}"])
         print(json.dumps({"baseline": base}), flush=True)
-        for label, workers, threads, disk, w in (
-            (f"pipeline: 1 worker x {cores} threads", 1, cores, False, big),
-            (f"pipeline: {cores} workers x 1 thread", cores, 1, False, big),
-            (f"pipeline: {cores} workers, --index-on-disk", cores, 1, True, big),
-            (f"pipeline: {cores} workers, 4x fewer vectors", cores, 1, False, small),
-            (f"pipeline: {cores} workers, on disk, 4x fewer", cores, 1, True, small),
+        for name, label, workers, threads, disk, w in (
+            ("1worker", f"pipeline: 1 worker x {cores} threads", 1, cores, False, big),
+            ("2workers", f"pipeline: {cores} workers x 1 thread", cores, 1, False, big),
+            ("disk", f"pipeline: {cores} workers, --index-on-disk", cores, 1, True, big),
+            ("small", f"pipeline: {cores} workers, 4x fewer vectors", cores, 1, False, small),
+            ("small-disk", f"pipeline: {cores} workers, on disk, 4x fewer", cores, 1, True, small),
         ):
+            if name not in runs:
+                continue
             reset_add(w, tag)
             stats = run_stage(w, "index-add", workers, threads, disk)
             print(json.dumps({label: stats}), flush=True)
@@ -176,7 +186,7 @@ def main() -> None:
         print(out)
         if args.record:
             record_results(f"index-add: {args.index_str}, {n:,} vectors", out,
-                           f"python benchmarks/index.py --vectors {args.vectors:g} --record")
+                           f"python benchmarks/index.py --vectors {args.vectors:g} --runs {args.runs} --record")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

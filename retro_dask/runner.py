@@ -52,8 +52,13 @@ def task_identity() -> str:
         return f"pid:{os.getpid()}"
 
 
+# A worker runs one block task per thread, so a block task's own thread pool
+# (Faiss's OpenMP) gets one thread: more would put threads x threads on the cores.
+BLOCK_TASK_THREADS = 1
+
+
 def worker_threads() -> int:
-    """Threads this task may use: the Dask worker's thread count, else every core."""
+    """Threads a task that runs alone may use: the Dask worker's thread count, else every core."""
     try:
         from distributed import get_worker
 
@@ -118,8 +123,16 @@ class Runner:
             return 1
         return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
 
+    @property
+    def n_threads(self) -> int:
+        """Task slots of the cluster: the sum of the workers' threads."""
+        if self.client is None:
+            return 1
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
+
     def max_in_flight(self) -> int:
-        return max(8, 4 * self.n_workers)
+        return max(8, 4 * self.n_threads)
 
     # -- running
 
