@@ -37,7 +37,7 @@ from . import arrays
 from .errors import InputError
 from .faiss_util import faiss, has_gpu
 from . import index_plan
-from .runner import BLOCK_TASK_THREADS, block_record
+from .runner import block_record, block_task_threads
 from .workdir import (
     Ledger,
     added_index_path,
@@ -327,7 +327,7 @@ def encode_block_task(workdir: str, tag: str, block: int) -> dict[str, Any]:
     emb = arrays.open_read(embeddings_path(workdir))
     B = emb.chunks[0]
     x = np.ascontiguousarray(emb[block * B : (block + 1) * B], dtype=np.float32)
-    f.omp_set_num_threads(BLOCK_TASK_THREADS)
+    f.omp_set_num_threads(block_task_threads())
     t_read = time.perf_counter()
     lists, codes = split_codes(layout, index.sa_encode(x))
     ids = np.arange(block * B, block * B + len(x), dtype=np.int64)

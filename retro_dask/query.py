@@ -29,7 +29,7 @@ from .faiss_util import faiss
 from .index import index_tag, load_index
 from .index_plan import default_nprobe
 from .plan import SPLIT_NAMES
-from .runner import BLOCK_TASK_THREADS, block_record
+from .runner import block_record, block_task_threads
 from .samples import Samples, SplitPlan, prepare_samples, write_query_meta
 from .tokenizer import GPTTokenizerSpec
 from .workdir import (
@@ -186,7 +186,7 @@ def compute_neighbors(job: QueryJob, block: int) -> tuple[np.ndarray, dict[str, 
     x = embedder.embed_ids(ids)
     t_embed = time.perf_counter()
     index = searcher(job.workdir, job.tag, job.nprobe, job.ef_search, job.k_query)
-    faiss().omp_set_num_threads(BLOCK_TASK_THREADS)
+    faiss().omp_set_num_threads(block_task_threads())
     k = min(job.k_query, max(int(index.ntotal), 1))
     _, found = index.search(x, k)
     t_search = time.perf_counter()

@@ -52,9 +52,20 @@ def task_identity() -> str:
         return f"pid:{os.getpid()}"
 
 
-# A worker runs one block task per thread, so a block task's own thread pool
-# (Faiss's OpenMP) gets one thread: more would put threads x threads on the cores.
-BLOCK_TASK_THREADS = 1
+def block_task_threads() -> int:
+    """Threads for a block task's own pool (Faiss's OpenMP).
+
+    A Dask worker runs one block task per thread, so each gets one: more would
+    put threads x threads on the cores. Without a cluster (synchronous runs)
+    tasks run one at a time and get every core.
+    """
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return 1
+    except (ImportError, ValueError):
+        return os.cpu_count() or 1
 
 
 def worker_threads() -> int:

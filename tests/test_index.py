@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -130,3 +131,19 @@ def test_too_few_training_points_is_refused(tmp_path, tiny_bert, synthetic_vecto
     with pytest.raises(InputError, match=r"128 inverted lists.*39 x 128 = 4992.*2000"):
         train_index(runner, config, log=lambda m: None)
     assert not trained_index_path(w, "IVF128_Flat.cosine").exists()
+
+
+def test_block_tasks_do_not_oversubscribe_a_multithread_worker(tmp_path):
+    """A worker with 2 threads runs 2 block tasks at once: each gets one Faiss thread, and the
+    runner keeps enough tasks in flight for every thread of the cluster."""
+    from distributed import Client, LocalCluster
+
+    from retro_dask.runner import block_task_threads
+
+    assert block_task_threads() == (os.cpu_count() or 1)  # no cluster: one task at a time
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert client.submit(block_task_threads, pure=False).result() == 1
+        runner = Runner(str(tmp_path), client, progress=False, log=lambda m: None)
+        assert runner.n_workers == 1 and runner.n_threads == 2
+        assert runner.max_in_flight() >= 2 * runner.n_threads
