@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, machine, record_results, table
+from stored import DIM as D, write_clustered_embeddings
 
-D = 384
 BLOCK = 1024
 RUNS = ("1worker", "2workers", "disk", "small", "small-disk")
 
@@ -46,15 +46,10 @@ def make_workdir(w: Path, n: int, index_str: str, ntrain: int, seed: int = 0) ->
     """A workdir holding synthetic embeddings (as the embed stage leaves it) and a training sample."""
     from retro_dask import arrays
     from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, IndexConfig, QueryConfig
-    from retro_dask.workdir import atomic_write_bytes, config_path, embeddings_path, mark_stage_done, sampled_path
+    from retro_dask.workdir import atomic_write_bytes, config_path, mark_stage_done, sampled_path
 
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((2000, D)).astype(np.float32) * 2
-    arrays.create(embeddings_path(w), (n, D), np.float32, BLOCK, compressed=False)
-    for b in range(-(-n // BLOCK)):
-        m = min(BLOCK, n - b * BLOCK)
-        x = centers[rng.integers(0, len(centers), m)] + rng.standard_normal((m, D), dtype=np.float32)
-        arrays.write_block(str(w), "embed", embeddings_path(w), b, x)
+    write_clustered_embeddings(w, n, BLOCK, 2000, rng)
     sample = np.sort(rng.choice(n, size=min(ntrain, n), replace=False))
     s = arrays.create(sampled_path(w), sample.shape, np.int64, 1 << 20)
     s[:] = sample

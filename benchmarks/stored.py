@@ -35,21 +35,28 @@ def run_cli(workdir: Path, tasks: str, *extra: str, prefix: str | None = None) -
     return time.perf_counter() - t0
 
 
+def write_clustered_embeddings(workdir: Path, n: int, block: int, n_centers: int, rng: np.random.Generator) -> None:
+    """Write ``n`` clustered 384-d vectors into embeddings.zarr, one block at a time, as the embed stage does."""
+    from retro_dask import arrays
+    from retro_dask.workdir import embeddings_path
+
+    centers = rng.standard_normal((n_centers, DIM)).astype(np.float32) * 2
+    arrays.create(embeddings_path(workdir), (n, DIM), np.float32, block, compressed=False)
+    for b in range(-(-n // block)):
+        m = min(block, n - b * block)
+        x = centers[rng.integers(0, len(centers), m)] + rng.standard_normal((m, DIM), dtype=np.float32)
+        arrays.write_block(str(workdir), "embed", embeddings_path(workdir), b, x)
+
+
 def store_synthetic_embeddings(workdir: Path, seed: int = 0) -> float:
     """Fill embeddings.zarr with clustered vectors, one block at a time, as the embed stage would."""
     from retro_dask import arrays
-    from retro_dask.workdir import chunks_path, embeddings_path, mark_stage_done
+    from retro_dask.workdir import chunks_path, mark_stage_done
 
     t0 = time.perf_counter()
     chunks = arrays.open_read(chunks_path(workdir))
     n, B = chunks.shape[0], chunks.chunks[0]
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((4096, DIM)).astype(np.float32) * 2
-    arrays.create(embeddings_path(workdir), (n, DIM), np.float32, B, compressed=False)
-    for b in range(-(-n // B)):
-        m = min(B, n - b * B)
-        x = centers[rng.integers(0, len(centers), m)] + rng.standard_normal((m, DIM), dtype=np.float32)
-        arrays.write_block(str(workdir), "embed", embeddings_path(workdir), b, x)
+    write_clustered_embeddings(workdir, n, B, 4096, np.random.default_rng(seed))
     mark_stage_done(workdir, "embed", {"n_chunks": n, "dim": DIM, "synthetic": True})
     return time.perf_counter() - t0
 

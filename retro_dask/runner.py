@@ -52,6 +52,16 @@ def task_identity() -> str:
         return f"pid:{os.getpid()}"
 
 
+def current_worker():
+    """The Dask worker running this task, or None outside one (synchronous runs, plain processes)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
 def block_task_threads() -> int:
     """Threads for a block task's own pool (Faiss's OpenMP).
 
@@ -59,23 +69,13 @@ def block_task_threads() -> int:
     put threads x threads on the cores. Without a cluster (synchronous runs)
     tasks run one at a time and get every core.
     """
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return 1
-    except (ImportError, ValueError):
-        return os.cpu_count() or 1
+    return 1 if current_worker() is not None else os.cpu_count() or 1
 
 
 def worker_threads() -> int:
     """Threads a task that runs alone may use: the Dask worker's thread count, else every core."""
-    try:
-        from distributed import get_worker
-
-        return max(1, get_worker().state.nthreads)
-    except (ImportError, ValueError):
-        return os.cpu_count() or 1
+    worker = current_worker()
+    return max(1, worker.state.nthreads) if worker is not None else os.cpu_count() or 1
 
 
 @dataclass
