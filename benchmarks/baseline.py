@@ -66,17 +66,20 @@ def embed_sorted(model, tok_ids: list[list[int]], batch: int, dtype) -> np.ndarr
 
 
 def run(prefix: str, factory: str, nprobe: int, dtype: str = "fp32", batch: int = 128, seed: int = 1234) -> dict:
-    import faiss
     import torch
     from transformers import BertModel
 
     import transformers
+
+    from retro_dask.faiss_util import faiss as load_faiss
 
     from retro_dask.indexed_dataset import IndexedDataset
     from retro_dask.plan import split_document_ranges
     from retro_dask.samples import Samples, build_split_maps, split_plan  # noqa: F401
     from retro_dask.tokenizer import default_bert_dir, get_bert_tokenizer, get_gpt_tokenizer
 
+    # retro_dask's loader: the same OpenBLAS kernel as the pipeline (see faiss_util).
+    faiss = load_faiss()
     transformers.utils.logging.set_verbosity_error()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)

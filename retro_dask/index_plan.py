@@ -7,9 +7,17 @@ dimension and ``--index-memory`` (a budget for the final index):
 - the raw vectors fit the budget: ``IVF{nlist},Flat`` with ``nlist`` the power of
   two nearest ``4 * sqrt(n)`` (exact distances inside the probed lists);
 - otherwise ``OPQ{m}_{4m},IVF{nlist}_HNSW32,PQ{m}``: an HNSW coarse quantizer
-  over ``nlist`` (nearest power of two to ``16 * sqrt(n)``, at least 1024) lists,
+  over ``nlist`` (nearest power of two to ``4 * sqrt(n)``, at least 1024) lists,
   OPQ rotation and ``m``-byte PQ codes, ``m`` the largest of 64, 48, 32, 16, 8
   whose codes and ids fit the budget.
+
+``nlist`` ~ ``4 * sqrt(n)`` is the low end of Faiss's advice (4 to 16 sqrt(n)).
+Training is k-means on ``POINTS_PER_LIST * nlist`` points against ``nlist``
+centroids, so its cost is ``64 * nlist**2 * d`` per iteration: with
+``4 * sqrt(n)`` it grows linearly with the database (``1024 * n * d``), and 5M
+chunks train in about two minutes on two CPU cores; ``16 * sqrt(n)`` would
+cost 16 times more (about half an hour there). Search cost per query does not
+depend on the choice: the default ``nprobe`` scans an eighth of the lists.
 
 Every IVF gets at least 39 training points per list (Faiss's own minimum), so
 ``nlist`` is also capped by ``n / 39``.
@@ -34,7 +42,14 @@ MIN_POINTS_PER_LIST = 39
 # MERGE_BUDGET, and the final assembly streams at most FINAL_FAN_IN partials.
 MERGE_TARGET = 128 << 20
 MERGE_BUDGET = 1 << 30
-FINAL_FAN_IN = 64
+FINAL_FAN_IN = 256
+# index-add's encode tasks: each encodes a span of consecutive embedding blocks
+# (at most ENCODE_ROWS rows), so that a task's fixed cost (scheduling, reading
+# the block, writing its partial, its ledger record) stays small against Faiss's
+# work, and the partials come out large enough to be assembled without a merge
+# level; but there are at least MIN_ENCODE_TASKS tasks when the blocks allow it.
+ENCODE_ROWS = 32768
+MIN_ENCODE_TASKS = 16
 # Training points per list for the default sample: within Faiss's advice
 # (30 to 256 per centroid) and affordable: k-means costs n_train x nlist x d.
 POINTS_PER_LIST = 64
@@ -76,7 +91,7 @@ def auto_core(n_chunks: int, dim: int, memory: int) -> str:
     if n_chunks * (dim * 4 + ID_BYTES) <= memory:
         nlist = min(pow2_near(4 * math.sqrt(n_chunks)), cap)
         return f"IVF{nlist},Flat"
-    nlist = min(max(pow2_near(16 * math.sqrt(n_chunks)), 1024), cap)
+    nlist = min(max(pow2_near(4 * math.sqrt(n_chunks)), 1024), cap)
     m = 8
     for cand in (64, 48, 32, 16, 8):
         if n_chunks * (cand + ID_BYTES) <= memory and (4 * cand) <= max(dim, 32):
@@ -131,6 +146,14 @@ def default_nprobe(nlist: int) -> int:
     if nlist == 0:
         return 1
     return min(nlist, max(16, nlist // 8))
+
+
+def encode_span(n_blocks: int, block_size: int, rows: int | None = None, min_tasks: int | None = None) -> int:
+    """Embedding blocks per index-add encode task: a function of the database alone, so a rerun
+    on any cluster finds the same tasks."""
+    rows = ENCODE_ROWS if rows is None else rows
+    min_tasks = MIN_ENCODE_TASKS if min_tasks is None else min_tasks
+    return max(1, min(rows // max(block_size, 1), n_blocks // max(min_tasks, 1)))
 
 
 def reduction_levels(n_partials: int, partial_bytes: float, budget: int = MERGE_BUDGET,

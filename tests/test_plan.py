@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from retro_dask import index_plan
 from retro_dask.index_plan import auto_core, default_nprobe, plan_index, reduction_levels, training_problem
 from retro_dask.plan import (
     apportion,
@@ -126,8 +127,10 @@ def test_sample_is_not_a_prefix():
     (100, 384, 10**9, "Flat"),                                  # too few to cluster
     (20_601, 384, 8 * 10**9, "IVF512,Flat"),                    # the sample corpus
     (5_000_000, 384, 8 * 10**9, "IVF8192,Flat"),                # raw vectors still fit 8 GB
-    (100_000_000, 384, 8 * 10**9, "OPQ64_256,IVF131072_HNSW32,PQ64"),  # too big: OPQ+HNSW+PQ
-    (100_000_000, 384, 2 * 10**9, "OPQ8_32,IVF131072_HNSW32,PQ8"),  # tight budget: 8-byte codes
+    (5_413_527, 384, 8 * 10**9, "OPQ64_256,IVF8192_HNSW32,PQ64"),  # just over 8 GB raw: OPQ+HNSW+PQ
+    (100_000_000, 384, 8 * 10**9, "OPQ64_256,IVF32768_HNSW32,PQ64"),  # nlist ~ 4 sqrt(n)
+    (100_000_000, 384, 2 * 10**9, "OPQ8_32,IVF32768_HNSW32,PQ8"),  # tight budget: 8-byte codes
+    (200_000, 384, 10**8, "OPQ64_256,IVF2048_HNSW32,PQ64"),  # at least 1024 lists
 ])
 def test_auto_index(n, dim, memory, expected):
     assert auto_core(n, dim, memory) == expected
@@ -154,10 +157,12 @@ def test_default_nprobe():
 
 @pytest.mark.parametrize("n_partials, partial_bytes, budget, expected", [
     (21, 1e6, 1 << 30, []),               # few partials: straight to the final assembly
-    (5000, 1.5e6, 1 << 30, [89]),          # merges of ~128 MB bring 5000 under the final fan-in of 64
+    (153, 50e6, 1 << 30, []),             # 5M chunks, IVF-Flat 384-d, 32-block encode tasks: no merge
+    (5000, 1.5e6, 1 << 30, [89]),          # merges of ~128 MB bring 5000 under the final fan-in of 256
     (1250, 1.5e6, 1 << 30, [89]),          # ... and the same merge size for a 4x smaller database
-    (100_000, 1e6, 1 << 30, [1073, 2]),    # the memory budget caps a level's fan-in
-    (1000, 1e9, 1 << 30, [2, 2, 2, 2]),    # huge partials: pairwise merges
+    (100_000, 1e6, 1 << 30, [391]),        # as many as it takes to get under the fan-in in one level
+    (100_000, 1e7, 1 << 30, [107, 2, 2]),  # the memory budget caps the fan-in of later levels
+    (1000, 1e9, 1 << 30, [2, 2]),          # huge partials: pairwise merges
 ])
 def test_reduction_levels(n_partials, partial_bytes, budget, expected):
     fans = reduction_levels(n_partials, partial_bytes, budget)
@@ -165,7 +170,7 @@ def test_reduction_levels(n_partials, partial_bytes, budget, expected):
     n = n_partials
     for f in fans:
         n = math.ceil(n / f)
-    assert n <= 64
+    assert n <= index_plan.FINAL_FAN_IN
 
 
 @settings(max_examples=200, deadline=None)
