@@ -316,8 +316,9 @@ def folder_record(workdir: str, folder: Path) -> dict[str, int]:
     return files
 
 
-def encode_block_task(workdir: str, tag: str, block: int) -> dict[str, Any]:
-    """Encode one block of embeddings against the trained index into a partial."""
+def encode_span_task(workdir: str, tag: str, number: int, first_block: int, n_blocks: int) -> dict[str, Any]:
+    """Encode embedding blocks ``first_block .. first_block + n_blocks - 1`` against the trained
+    index into partial ``number`` (one block in memory at a time, plus the span's codes)."""
     from . import faults
 
     f = faiss()
@@ -326,21 +327,31 @@ def encode_block_task(workdir: str, tag: str, block: int) -> dict[str, Any]:
     layout = IndexLayout.of(index)
     emb = arrays.open_read(embeddings_path(workdir))
     B = emb.chunks[0]
-    x = np.ascontiguousarray(emb[block * B : (block + 1) * B], dtype=np.float32)
     f.omp_set_num_threads(block_task_threads())
-    t_read = time.perf_counter()
-    lists, codes = split_codes(layout, index.sa_encode(x))
-    ids = np.arange(block * B, block * B + len(x), dtype=np.int64)
-    partial = Partial.from_entries(lists, ids, codes)
-    t_enc = time.perf_counter()
-    faults.before_block(workdir, "index-add", block)
-    folder = partial_folder(workdir, tag, 0, block)
+    read_s = encode_s = 0.0
+    lists, codes = [], []
+    lo = first_block * B
+    for block in range(first_block, first_block + n_blocks):
+        t = time.perf_counter()
+        x = np.ascontiguousarray(emb[block * B : (block + 1) * B], dtype=np.float32)
+        t_read = time.perf_counter()
+        block_lists, block_codes = split_codes(layout, index.sa_encode(x))
+        lists.append(block_lists)
+        codes.append(block_codes)
+        read_s += t_read - t
+        encode_s += time.perf_counter() - t_read
+        del x
+    list_no = np.concatenate(lists)
+    partial = Partial.from_entries(list_no, np.arange(lo, lo + len(list_no), dtype=np.int64), np.concatenate(codes))
+    del lists, codes, list_no
+    faults.before_block(workdir, "index-add", number)
+    folder = partial_folder(workdir, tag, 0, number)
     partial.save(folder)
-    record = block_record(len(x), t0, read_seconds=round(t_read - t0, 4), encode_seconds=round(t_enc - t_read, 4),
-                          bytes=partial.nbytes)
+    record = block_record(len(partial.ids), t0, read_seconds=round(read_s, 4), encode_seconds=round(encode_s, 4),
+                          bytes=partial.nbytes, blocks=[first_block, first_block + n_blocks])
     record["files"] = folder_record(workdir, folder)
-    Ledger(workdir, "index-add").write(block, record)
-    return {"block": block, **record}
+    Ledger(workdir, "index-add").write(number, record)
+    return {"block": number, **record}
 
 
 def merge_task(workdir: str, tag: str, level: int, number: int, inputs: Sequence[int]) -> dict[str, Any]:
@@ -363,7 +374,13 @@ def merge_task(workdir: str, tag: str, level: int, number: int, inputs: Sequence
 
 
 def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk: bool) -> dict[str, Any]:
-    """Stream the last partials into the trained index's inverted lists; write added.faissindex."""
+    """Stream the last partials into the trained index's inverted lists; write added.faissindex.
+
+    IVF indexes never hold their lists in this process: the lists are written
+    straight into the file, in Faiss's own layout (``ListWriter``), in memory
+    as in ``--index-on-disk`` mode; the worker's memory stays at one slice of
+    lists whatever the index size.
+    """
     from . import faults
 
     faults.before_block(workdir, "index-assemble", 0)
@@ -373,12 +390,9 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
     layout = IndexLayout.of(index)
     ivf = ivf_of(index)
     folders = [partial_folder(workdir, tag, level, i) for i in numbers]
-    ntotal = 0
-    for folder in folders:
-        ntotal += len(np.load(folder / "ids.npy", mmap_mode="r", allow_pickle=False))
     final = added_index_path(workdir, tag)
     ivfdata = added_ivfdata_path(workdir, tag)
-    with atomic_path(index_dir(workdir, tag) / "assemble") as tmp:
+    with atomic_path(index_dir(workdir, tag) / "assemble") as tmp, ListWriter(folders, layout) as lists:
         tmp.mkdir()
         if ivf is None:
             if on_disk:
@@ -386,16 +400,37 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
             chain = index_chain(index)
             for p in partials(folders):
                 chain[-1].add_sa_codes(np.ascontiguousarray(p.codes))
+            _set_ntotal(index, lists.ntotal)
+            f.write_index(index, str(tmp / final.name))
         elif on_disk:
-            invlists = write_ondisk_lists(folders, layout, tmp / ivfdata.name, str(ivfdata))
+            _set_ntotal(index, lists.ntotal)
+            fd = os.open(tmp / ivfdata.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                lists.write_data(fd, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            invlists = ondisk_lists(lists.sizes, layout, tmp / "sizing.ivfdata", str(ivfdata))
             ivf.replace_invlists(invlists, True)
             invlists.this.disown()
+            f.write_index(index, str(tmp / final.name))
         else:
-            invlists = ivf.invlists
-            for p in partials(folders):
-                _fill(invlists, p)
-        _set_ntotal(index, ntotal)
-        f.write_index(index, str(tmp / final.name))
+            _set_ntotal(index, lists.ntotal)
+            head = serialized_head(index, layout)
+            if head is None:  # an IVF subclass that stores more after its lists: fill them in memory
+                for p in partials(folders):
+                    _fill(ivf.invlists, p)
+                f.write_index(index, str(tmp / final.name))
+            else:
+                fd = os.open(tmp / final.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    head += array_lists_header(lists.sizes, layout)
+                    pwrite_all(fd, head, 0)
+                    lists.write_data(fd, len(head))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        ntotal = lists.ntotal
         del index
         if on_disk:
             os.replace(tmp / ivfdata.name, ivfdata)
@@ -416,49 +451,164 @@ def partials(folders: Sequence[Path]):
         del p
 
 
-def write_ondisk_lists(folders: Sequence[Path], layout: IndexLayout, data_path: Path, final_path: str):
-    """Write Faiss on-disk inverted lists with plain file writes; return their OnDiskInvertedLists.
+# Bytes of inverted-list data the assembly gathers in memory at a time.
+ASSEMBLY_SLICE_BYTES = 64 << 20
 
-    The file has Faiss's own layout (``OnDiskInvertedLists.set_all_lists_sizes``:
-    lists back to back, each its codes then its ids). Writing it with ``pwrite``
-    rather than through Faiss's shared mapping keeps the pages out of this
-    process's memory, so the assembly's RSS does not grow with the index. The
-    list table is built on a sparse stand-in file and then pointed at
+
+class ListWriter:
+    """Writes the entries of several partials as Faiss's list data: the lists in order,
+    each its codes then its ids, entries in partial order (row order) inside each list.
+
+    That is both the layout of ``OnDiskInvertedLists`` (``.ivfdata``, with each
+    list's capacity equal to its size) and the data section of a serialized
+    ``ArrayInvertedLists``. The lists are written a slice at a time
+    (``ASSEMBLY_SLICE_BYTES``): each partial's entries for a slice of lists are
+    contiguous, so a slice costs one ``pread`` per partial, a stable sort by list,
+    and one ``pwrite``. Reading with ``pread`` rather than a memory map keeps the
+    pages out of this process's RSS, which Dask watches.
+    """
+
+    def __init__(self, folders: Sequence[Path], layout: IndexLayout):
+        self.layout = layout
+        self.sizes = np.zeros(layout.nlist, dtype=np.int64)
+        self.parts = []  # (first entry of each of its lists, its lists, codes fd + offset, ids fd + offset)
+        self._fds: list[int] = []
+        for folder in folders:
+            lists = np.load(folder / "lists.npy", allow_pickle=False)
+            counts = np.load(folder / "counts.npy", allow_pickle=False)
+            self.sizes[lists] += counts
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            self.parts.append((lists, starts, self._open(folder / "codes.npy"), self._open(folder / "ids.npy")))
+        self.ntotal = int(self.sizes.sum())
+
+    def _open(self, path: Path) -> tuple[int, int]:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            if fortran or not dtype.isnative:
+                raise InputError(f"{path}: not a C-ordered native-endian array (written by another tool?)")
+            offset = fh.tell()
+        fd = os.open(path, os.O_RDONLY)
+        self._fds.append(fd)
+        return fd, offset
+
+    def __enter__(self) -> "ListWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def slices(self) -> list[tuple[int, int]]:
+        """Ranges of lists whose data is about ``ASSEMBLY_SLICE_BYTES`` (a bigger list is a slice alone)."""
+        entry = self.layout.code_size + 8
+        ends = np.cumsum(self.sizes * entry)
+        out, lo = [], 0
+        while lo < self.layout.nlist:
+            base = ends[lo - 1] if lo else 0
+            hi = int(np.searchsorted(ends, base + ASSEMBLY_SLICE_BYTES, side="right"))
+            hi = min(max(hi, lo + 1), self.layout.nlist)
+            out.append((lo, hi))
+            lo = hi
+        return out
+
+    def write_data(self, fd: int, base: int) -> None:
+        cs = self.layout.code_size
+        for lo, hi in self.slices():
+            codes, ids, list_no = [], [], []
+            for lists, starts, (cfd, coff), (ifd, ioff) in self.parts:
+                a, b = np.searchsorted(lists, [lo, hi])
+                if a == b:
+                    continue
+                r0, r1 = int(starts[a]), int(starts[b])
+                codes.append(pread_all(cfd, (r1 - r0) * cs, coff + r0 * cs).reshape(-1, cs))
+                ids.append(pread_all(ifd, (r1 - r0) * 8, ioff + r0 * 8).view(np.int64))
+                list_no.append(np.repeat(lists[a:b], np.diff(starts[a : b + 1])))
+            if not codes:
+                continue
+            order = np.argsort(np.concatenate(list_no), kind="stable")
+            codes_sorted = np.concatenate(codes)[order]
+            ids_sorted = np.concatenate(ids)[order]
+            del codes, ids, list_no, order
+            out = np.empty(len(ids_sorted) * (cs + 8), np.uint8)
+            pos = k = 0
+            for n in self.sizes[lo:hi].tolist():
+                if n:
+                    out[pos : pos + n * cs] = codes_sorted[k : k + n].reshape(-1)
+                    out[pos + n * cs : pos + n * (cs + 8)] = ids_sorted[k : k + n].view(np.uint8)
+                    pos += n * (cs + 8)
+                    k += n
+            pwrite_all(fd, out, base + int(self.sizes[:lo].sum()) * (cs + 8))
+            del out, codes_sorted, ids_sorted
+
+
+def pread_all(fd: int, n: int, offset: int) -> np.ndarray:
+    out = np.empty(n, np.uint8)
+    view = memoryview(out)
+    while len(view):
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise OSError(f"unexpected end of file reading {n} bytes at {offset} (fd {fd})")
+        view, offset = view[got:], offset + got
+    return out
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def ondisk_lists(sizes: np.ndarray, layout: IndexLayout, standin: Path, final_path: str):
+    """Faiss OnDiskInvertedLists for list data of these sizes, written beforehand at ``final_path``.
+
+    The list table is built on a sparse stand-in file and then pointed at
     ``final_path``; indexes are read with IO_FLAG_ONDISK_SAME_DIR, so the
     workdir can still move.
     """
     f = faiss()
-    sizes = np.zeros(layout.nlist, dtype=np.uint64)
-    for folder in folders:
-        lists = np.load(folder / "lists.npy", allow_pickle=False)
-        sizes[lists] += np.load(folder / "counts.npy", allow_pickle=False).astype(np.uint64)
-    entry = layout.code_size + 8
-    offsets = np.concatenate([[0], np.cumsum(sizes.astype(np.int64) * entry)])
-    total = max(int(offsets[-1]), 1)
-    filled = np.zeros(layout.nlist, dtype=np.int64)
-    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, total)
-        for p in partials(folders):
-            ids, codes = p.ids, p.codes
-            ends = np.cumsum(p.counts)
-            for l, n, end in zip(np.asarray(p.lists).tolist(), np.asarray(p.counts).tolist(), ends.tolist()):
-                base, cap, at = int(offsets[l]), int(sizes[l]), int(filled[l])
-                os.pwrite(fd, np.ascontiguousarray(codes[end - n : end]).tobytes(), base + at * layout.code_size)
-                os.pwrite(fd, np.ascontiguousarray(ids[end - n : end], dtype=np.int64).tobytes(),
-                          base + cap * layout.code_size + at * 8)
-                filled[l] += n
-            del ids, codes
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    standin = data_path.with_name("sizing.ivfdata")
+    total = max(int(np.sum(sizes) * (layout.code_size + 8)), 1)
+    sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
     invlists = f.OnDiskInvertedLists(layout.nlist, layout.code_size, str(standin))
     invlists.update_totsize(total)
     invlists.set_all_lists_sizes(f.swig_ptr(sizes))
     invlists.filename = final_path
     standin.unlink()
     return invlists
+
+
+_EMPTY_ARRAY_LISTS = b"ilar"  # Faiss's fourcc of serialized ArrayInvertedLists
+
+
+def serialized_head(index, layout: IndexLayout) -> bytes | None:
+    """The index's serialization up to its inverted lists, or None where the lists are not last.
+
+    Faiss writes an IVF index's (empty) ``ArrayInvertedLists`` last: fourcc
+    "ilar", nlist, code_size, fourcc "sprs", and an empty vector of sizes.
+    """
+    f = faiss()
+    data = f.serialize_index(index).tobytes()
+    tail = (_EMPTY_ARRAY_LISTS + np.array([layout.nlist, layout.code_size], np.uint64).tobytes() + b"sprs"
+            + np.zeros(1, np.uint64).tobytes())
+    if not data.endswith(tail) or ivf_of(index).invlists.compute_ntotal() != 0:
+        return None
+    return data[: -len(tail)]
+
+
+def array_lists_header(sizes: np.ndarray, layout: IndexLayout) -> bytes:
+    """The head of a serialized ``ArrayInvertedLists`` holding lists of these sizes (Faiss's
+    ``write_InvertedLists``): dense sizes when more than half the lists have entries, else
+    (list, size) pairs. The list data follows it."""
+    non_empty = np.flatnonzero(sizes)
+    if len(non_empty) > layout.nlist // 2:
+        kind, table = b"full", np.asarray(sizes, np.uint64)
+    else:
+        kind, table = b"sprs", np.stack([non_empty, sizes[non_empty]], axis=1).astype(np.uint64).reshape(-1)
+    return (_EMPTY_ARRAY_LISTS + np.array([layout.nlist, layout.code_size], np.uint64).tobytes() + kind
+            + np.array([len(table)], np.uint64).tobytes() + table.tobytes())
 
 
 def _fill(invlists, p: Partial) -> None:
@@ -475,6 +625,16 @@ def _fill(invlists, p: Partial) -> None:
 def _set_ntotal(index, ntotal: int) -> None:
     for node in index_chain(index):
         node.ntotal = ntotal
+
+
+def forget_other_spans(workdir: str, spans: list[tuple[int, int]]) -> None:
+    """Drop encode records whose blocks are not this run's span (left by a version that cut
+    spans differently): their partials would cover the wrong rows."""
+    ledger = Ledger(workdir, "index-add")
+    for number in ledger.done_blocks(len(spans)):
+        first, count = spans[number]
+        if (ledger.read(number) or {}).get("blocks") != [first, first + count]:
+            ledger.forget(number)
 
 
 def add_to_index(runner, config, log=print) -> dict[str, Any]:
@@ -495,17 +655,20 @@ def add_to_index(runner, config, log=print) -> dict[str, Any]:
     if done and done.get("tag") == tag and files_match(w, done.get("files", {})):
         log(f"[index-add] {final} already built: skipped")
         return runner.write_stats("index-add", None, time.perf_counter() - t0, skipped=True, ntotal=done["ntotal"])
+    span = index_plan.encode_span(n_blk, B)
+    spans = [(first, min(span, n_blk - first)) for first in range(0, n_blk, span)]
+    forget_other_spans(w, spans)
     encode = runner.run_blocks(
-        "index-add", n_blk, lambda b: dask.delayed(encode_block_task, pure=False)(w, tag, b),
+        "index-add", len(spans), lambda t: dask.delayed(encode_span_task, pure=False)(w, tag, t, *spans[t]),
         desc="index-add: encode", unit="chunks",
     )
     t_encode = time.perf_counter()
     # Reduction: merge levels sized by the partials' bytes, then the final assembly.
     rec0 = Ledger(w, "index-add").read(0) or {}
-    bytes_per_block = float(rec0.get("bytes", B * 64))
-    numbers = list(range(n_blk))
+    bytes_per_partial = float(rec0.get("bytes", span * B * 64))
+    numbers = list(range(len(spans)))
     level = 0
-    for fan in index_plan.reduction_levels(n_blk, bytes_per_block, index_plan.MERGE_BUDGET, index_plan.FINAL_FAN_IN,
+    for fan in index_plan.reduction_levels(len(spans), bytes_per_partial, index_plan.MERGE_BUDGET, index_plan.FINAL_FAN_IN,
                                            index_plan.MERGE_TARGET):
         groups = [numbers[i : i + fan] for i in range(0, len(numbers), fan)]
         runner.run_blocks(

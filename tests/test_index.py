@@ -54,24 +54,30 @@ def single_process_index(w, tag, vectors):
     return index
 
 
-@pytest.mark.parametrize("index_str, metric, on_disk, fan_in", [
-    ("IVF16,Flat", "cosine", False, 64),          # exact IVF, everything in the final assembly
-    ("IVF16,Flat", "l2", False, 3),               # Megatron's metric; a 2-level merge tree
-    ("OPQ4_16,IVF16,PQ4", "cosine", False, 3),    # rotation + PQ codes through the tree
-    ("IVF16,Flat", "cosine", True, 3),            # on-disk inverted lists
-    ("OPQ4_16,IVF16_HNSW8,PQ4", "l2", True, 64),  # HNSW coarse quantizer, on disk
-    ("Flat", "cosine", False, 3),                 # no inverted lists: codes appended in row order
+@pytest.mark.parametrize("index_str, metric, on_disk, fan_in, span", [
+    ("IVF16,Flat", "cosine", False, 64, 1),          # exact IVF, everything in the final assembly
+    ("IVF16,Flat", "l2", False, 3, 1),               # Megatron's metric; a 2-level merge tree
+    ("OPQ4_16,IVF16,PQ4", "cosine", False, 3, 1),    # rotation + PQ codes through the tree
+    ("IVF16,Flat", "cosine", True, 3, 1),            # on-disk inverted lists
+    ("OPQ4_16,IVF16_HNSW8,PQ4", "l2", True, 64, 1),  # HNSW coarse quantizer, on disk
+    ("Flat", "cosine", False, 3, 1),                 # no inverted lists: codes appended in row order
+    ("IVF16,Flat", "cosine", False, 2, 5),           # encode tasks of 5 blocks, the last one ragged
+    ("OPQ4_16,IVF16,PQ4", "l2", True, 64, 5),        # the same, on disk
 ])
 def test_merged_index_equals_single_add(tmp_path, tiny_bert, synthetic_vectors, monkeypatch,
-                                        index_str, metric, on_disk, fan_in):
+                                        index_str, metric, on_disk, fan_in, span):
     monkeypatch.setattr(index_plan, "FINAL_FAN_IN", fan_in)
+    monkeypatch.setattr(index_plan, "ENCODE_ROWS", span * BLOCK)
+    monkeypatch.setattr(index_plan, "MIN_ENCODE_TASKS", 2)
     vectors = synthetic_vectors(N, D)
     w, config = workdir_with_embeddings(tmp_path, tiny_bert, vectors, index_str, metric, on_disk)
     runner = Runner(w, None, progress=False, log=lambda m: None)
     train_index(runner, config, log=lambda m: None)
     stats = add_to_index(runner, config, log=lambda m: None)
     tag = stats["tag"]
-    assert (stats["merge_levels"] > 0) == (fan_in < 12)  # 12 blocks: a tree only under a small fan-in
+    n_partials = -(-12 // span)  # 12 blocks
+    assert stats["blocks"] == n_partials
+    assert (stats["merge_levels"] > 0) == (fan_in < n_partials)  # a tree only under a small fan-in
     # The workdir can move: on-disk lists are found next to the index file.
     moved = tmp_path / "moved"
     shutil.move(w, moved)
@@ -95,6 +101,8 @@ def test_merged_index_equals_single_add(tmp_path, tiny_bert, synthetic_vectors, 
 
 def test_every_chunk_id_exactly_once(tmp_path, tiny_bert, synthetic_vectors, monkeypatch):
     monkeypatch.setattr(index_plan, "FINAL_FAN_IN", 2)
+    monkeypatch.setattr(index_plan, "ENCODE_ROWS", 3 * BLOCK)
+    monkeypatch.setattr(index_plan, "MIN_ENCODE_TASKS", 2)
     vectors = synthetic_vectors(N, D)
     w, config = workdir_with_embeddings(tmp_path, tiny_bert, vectors, "IVF16,Flat")
     runner = Runner(w, None, progress=False, log=lambda m: None)
@@ -147,3 +155,100 @@ def test_block_tasks_do_not_oversubscribe_a_multithread_worker(tmp_path):
         runner = Runner(str(tmp_path), client, progress=False, log=lambda m: None)
         assert runner.n_workers == 1 and runner.n_threads == 2
         assert runner.max_in_flight() >= 2 * runner.n_threads
+
+
+def test_openblas_kernel_is_chosen_from_the_cpu_flags():
+    from retro_dask.faiss_util import openblas_kernel_for
+
+    avx512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "sse3"}
+    assert openblas_kernel_for(avx512) == "SkylakeX"
+    assert openblas_kernel_for({"avx2", "fma", "sse3"}) == "Haswell"
+    assert openblas_kernel_for({"sse3"}) is None
+    assert openblas_kernel_for(set()) is None  # not x86 Linux: OpenBLAS keeps its own choice
+
+
+def test_faiss_runs_the_widest_blas_kernel_this_cpu_has():
+    """faiss-cpu's bundled OpenBLAS falls back to SSE3 kernels on CPUs newer than it
+    (about 4.5x slower for the coarse assignment); faiss() must load it with the right one."""
+    import subprocess
+    import sys
+
+    from retro_dask.faiss_util import cpu_flags, openblas_kernel_for
+
+    want = openblas_kernel_for(cpu_flags())
+    if want is None:
+        pytest.skip("no AVX2 on this CPU: OpenBLAS's own choice is kept")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    code = "from retro_dask.faiss_util import faiss_blas_kernel; print(faiss_blas_kernel())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    if out.strip() == "None":
+        pytest.skip("this faiss build has no bundled OpenBLAS")
+    assert out.strip() == want
+    # The user's own setting wins.
+    env["OPENBLAS_CORETYPE"] = "Haswell"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "Haswell"
+
+
+def test_encode_spans_depend_on_the_database_alone():
+    assert index_plan.encode_span(21, 1024) == 1          # sample corpus: a task per block
+    assert index_plan.encode_span(4883, 1024) == 32       # 5M chunks: 32,768 rows per task
+    assert index_plan.encode_span(320, 1024) == 20        # at least 16 tasks while the blocks allow
+    assert index_plan.encode_span(100_000, 256) == 128
+
+
+def test_partials_of_other_spans_are_recomputed(tmp_path, tiny_bert, synthetic_vectors, monkeypatch):
+    """Partials left by a run that cut the blocks into other spans are not reused for the wrong rows."""
+    from retro_dask.index import encode_span_task
+
+    monkeypatch.setattr(index_plan, "MIN_ENCODE_TASKS", 2)
+    vectors = synthetic_vectors(N, D)
+    w, config = workdir_with_embeddings(tmp_path, tiny_bert, vectors, "IVF16,Flat")
+    runner = Runner(w, None, progress=False, log=lambda m: None)
+    tag = train_index(runner, config, log=lambda m: None)["tag"]
+    for number in range(4):  # an interrupted run with one block per task
+        encode_span_task(str(w), tag, number, number, 1)
+    monkeypatch.setattr(index_plan, "ENCODE_ROWS", 3 * BLOCK)
+    stats = add_to_index(runner, config, log=lambda m: None)
+    assert stats["blocks"] == 4 and stats["blocks_skipped"] == 0
+    index = read_index_file(added_index_path(w, tag))
+    reference = single_process_index(str(w), tag, vectors)
+    queries = synthetic_vectors(50, D, seed=3)
+    for ix in (index, reference):
+        faiss().ParameterSpace().set_index_parameter(ix, "nprobe", 4)
+    np.testing.assert_array_equal(index.search(queries, 10)[1], reference.search(queries, 10)[1])
+
+
+@pytest.mark.parametrize("used_lists", [16, 3])  # dense and sparse list tables
+def test_assembled_file_is_faiss_own_serialization(tmp_path, monkeypatch, used_lists):
+    """The assembly writes the final index file itself, list slice by list slice: its bytes
+    must be exactly what Faiss writes for the same index filled in memory."""
+    from retro_dask import index as ix
+
+    monkeypatch.setattr(ix, "ASSEMBLY_SLICE_BYTES", 300)  # many slices; big lists alone in theirs
+    f = faiss()
+    rng = np.random.default_rng(5)
+    trained = f.index_factory(8, "L2norm,IVF16,Flat")
+    trained.train(rng.standard_normal((16 * 39, 8)).astype(np.float32))
+    layout = ix.IndexLayout.of(trained)
+    folders, parts, row = [], [], 0
+    for k, n in enumerate((40, 25, 1)):
+        list_no = rng.choice(used_lists, size=n) * (16 // used_lists)
+        codes = rng.integers(0, 256, size=(n, layout.code_size), dtype=np.uint8)
+        p = ix.Partial.from_entries(list_no, np.arange(row, row + n, dtype=np.int64), codes)
+        p.save(tmp_path / f"p{k}")
+        folders.append(tmp_path / f"p{k}")
+        parts.append(p)
+        row += n
+    reference = f.deserialize_index(f.serialize_index(trained))
+    for p in parts:
+        ix._fill(ix.ivf_of(reference).invlists, p)
+    ix._set_ntotal(reference, row)
+    ours = f.deserialize_index(f.serialize_index(trained))
+    ix._set_ntotal(ours, row)
+    with ix.ListWriter(folders, layout) as lists:
+        head = ix.serialized_head(ours, layout) + ix.array_lists_header(lists.sizes, layout)
+        with open(tmp_path / "ours.faissindex", "wb") as out:
+            ix.pwrite_all(out.fileno(), head, 0)
+            lists.write_data(out.fileno(), len(head))
+    assert (tmp_path / "ours.faissindex").read_bytes() == f.serialize_index(reference).tobytes()
