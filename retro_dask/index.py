@@ -5,17 +5,20 @@ planned index (``index_plan.py``) with every core of the worker that runs it
 (and the GPU for clustering when faiss-gpu and a CUDA device are there), and
 writes ``W/index/<tag>/trained.faissindex``.
 
-index-add encodes each block of ``db/embeddings.zarr`` against the trained index
-inside the workers (``sa_encode``: coarse assignment and codes) into a *partial*:
-the block's entries grouped by inverted list, ids = chunks.zarr row ids, saved
-as a folder of ``.npy`` files under ``W/index/<tag>/partials/``. A tree
-reduction merges partials, level by level, keeping row order inside every list,
-until few enough remain; the last step streams them, list by list, into the
-final index's inverted lists: in memory (``added.faissindex``) or, with
+index-add encodes the blocks of ``db/embeddings.zarr`` against the trained
+index inside the workers (``sa_encode``: coarse assignment and codes), a span of
+consecutive blocks per task (``index_plan.encode_span``), into a *partial*: the
+span's entries grouped by inverted list, ids = chunks.zarr row ids, saved as a
+folder of ``.npy`` files under ``W/index/<tag>/partials/``. A tree reduction
+merges partials, level by level, keeping row order inside every list, until few
+enough remain (usually none is needed); the last step writes the lists, a slice
+of lists at a time, straight into the final index file in Faiss's own layout:
+a serialized in-memory index (``added.faissindex``) or, with
 ``--index-on-disk``, Faiss on-disk inverted lists (``added.faissindex`` +
 ``added.ivfdata``, opened with ``IO_FLAG_ONDISK_SAME_DIR`` so the workdir can
 move). Because every list ends up holding its entries in row order, the result
-is the index a single-process ``add`` of all embeddings in row order makes.
+is the index a single-process ``add`` of all embeddings in row order makes
+(byte for byte, for the in-memory file).
 
 Indexes without inverted lists whose codes can be appended (``Flat``, ``PQ``,
 ``SQ8``...) take the same path with one list.
@@ -515,51 +518,69 @@ class ListWriter:
         return out
 
     def write_data(self, fd: int, base: int) -> None:
+        """Write the list data at ``base``; ask the kernel to start writing each slice back to
+        disk while the next one is gathered, so the caller's final fsync has little left."""
         cs = self.layout.code_size
+        entry = cs + 8
+        at = base
         for lo, hi in self.slices():
-            codes, ids, list_no = [], [], []
+            n_slice = int(self.sizes[lo:hi].sum())
+            if n_slice == 0:
+                continue
+            codes = np.empty((n_slice, cs), np.uint8)
+            ids = np.empty(n_slice, np.int64)
+            list_no = np.empty(n_slice, np.int64)
+            k = 0
             for lists, starts, (cfd, coff), (ifd, ioff) in self.parts:
                 a, b = np.searchsorted(lists, [lo, hi])
                 if a == b:
                     continue
                 r0, r1 = int(starts[a]), int(starts[b])
-                codes.append(pread_all(cfd, (r1 - r0) * cs, coff + r0 * cs).reshape(-1, cs))
-                ids.append(pread_all(ifd, (r1 - r0) * 8, ioff + r0 * 8).view(np.int64))
-                list_no.append(np.repeat(lists[a:b], np.diff(starts[a : b + 1])))
-            if not codes:
-                continue
-            order = np.argsort(np.concatenate(list_no), kind="stable")
-            codes_sorted = np.concatenate(codes)[order]
-            ids_sorted = np.concatenate(ids)[order]
-            del codes, ids, list_no, order
-            out = np.empty(len(ids_sorted) * (cs + 8), np.uint8)
-            pos = k = 0
+                pread_into(cfd, codes[k : k + r1 - r0], coff + r0 * cs)
+                pread_into(ifd, ids[k : k + r1 - r0], ioff + r0 * 8)
+                list_no[k : k + r1 - r0] = np.repeat(lists[a:b], np.diff(starts[a : b + 1]))
+                k += r1 - r0
+            order = np.argsort(list_no, kind="stable")
+            codes, ids = codes[order], ids[order]
+            del list_no, order
+            # Each list is its codes then its ids: one pwritev of both views per list.
+            pieces, k = [], 0
             for n in self.sizes[lo:hi].tolist():
                 if n:
-                    out[pos : pos + n * cs] = codes_sorted[k : k + n].reshape(-1)
-                    out[pos + n * cs : pos + n * (cs + 8)] = ids_sorted[k : k + n].view(np.uint8)
-                    pos += n * (cs + 8)
+                    pieces += [codes[k : k + n], ids[k : k + n]]
                     k += n
-            pwrite_all(fd, out, base + int(self.sizes[:lo].sum()) * (cs + 8))
-            del out, codes_sorted, ids_sorted
+            pwritev_all(fd, pieces, at)
+            os.posix_fadvise(fd, at, n_slice * entry, os.POSIX_FADV_DONTNEED)
+            at += n_slice * entry
+            del codes, ids, pieces
 
 
-def pread_all(fd: int, n: int, offset: int) -> np.ndarray:
-    out = np.empty(n, np.uint8)
-    view = memoryview(out)
+def pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    view = memoryview(out).cast("B")
     while len(view):
         got = os.preadv(fd, [view], offset)
         if got == 0:
-            raise OSError(f"unexpected end of file reading {n} bytes at {offset} (fd {fd})")
+            raise OSError(f"unexpected end of file reading {out.nbytes} bytes at {offset} (fd {fd})")
         view, offset = view[got:], offset + got
-    return out
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    pwritev_all(fd, [data], offset)
+
+
+def pwritev_all(fd: int, buffers: Sequence, offset: int) -> None:
+    """Write the buffers back to back at ``offset``, in as few system calls as the kernel allows."""
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+    step = max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
+    i = 0
+    while i < len(views):
+        written = os.pwritev(fd, views[i : i + step], offset)
+        offset += written
+        while i < len(views) and written >= len(views[i]):
+            written -= len(views[i])
+            i += 1
+        if written:
+            views[i] = views[i][written:]
 
 
 def ondisk_lists(sizes: np.ndarray, layout: IndexLayout, standin: Path, final_path: str):
