@@ -7,16 +7,19 @@ first, with a training sample, and the index (``--index-str``, default
 IVF4096,Flat) is trained once. Then, in the same run:
 
 - baseline: one process, Faiss's own threads on every core, reads the vectors
-  block by block, ``add_with_ids`` of all of them, ``write_index``;
+  block by block, ``add_with_ids`` of all of them, ``write_index``; with
+  ``--runs ...,1thread`` also the same with one Faiss thread;
 - pipeline, 1 worker with every core (threads), and 2 single-thread workers:
-  ``--tasks index-add`` (encode blocks in the workers, merge, assemble, write);
+  ``--tasks index-add`` (encode spans of blocks in the workers, merge if needed,
+  write the final index file with fsync);
 - the same 2-worker pipeline with ``--index-on-disk``;
-- a 4x smaller database through the 2-worker pipeline, for memory.
+- a 4x smaller database through the 2-worker pipeline, for memory;
+- ``1thread``: the pipeline with 1 single-thread worker (against the 1-thread baseline).
 
-It prints wall times, pipeline/baseline (goal: at most 1.1 with 1 worker,
-below 1 with 2), the merge's own time, and the peak RSS of each worker during
-encoding and of the assembly (flat with ``--index-on-disk`` when the vectors
-grow 4x; in memory the assembling worker holds the index by definition).
+It prints wall times, pipeline/baseline against both baselines (goal: at most
+1.1 with 1 worker, faster with 2), the merge's own time, and the peak RSS of
+each worker during encoding and of the assembly (flat when the vectors grow
+4x: the assembly writes the lists straight into the file, in memory mode too).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/index.py [--vectors 5e6]``
 """
@@ -39,7 +42,7 @@ from common import ROOT, machine, record_results, table
 from stored import DIM as D, write_clustered_embeddings
 
 BLOCK = 1024
-RUNS = ("1worker", "2workers", "disk", "small", "small-disk")
+RUNS = ("1worker", "2workers", "disk", "small", "small-disk", "1thread")
 
 
 def make_workdir(w: Path, n: int, index_str: str, ntrain: int, seed: int = 0) -> None:
@@ -83,7 +86,7 @@ if __name__ == "__main__":
     return json.loads(out.split("STATS", 1)[1])
 
 
-def baseline_add(w: Path, tag: str) -> dict:
+def baseline_add(w: Path, tag: str, threads: int) -> dict:
     code = f"""
 import json, os, resource, sys, time
 sys.path.insert(0, {str(ROOT)!r})
@@ -94,7 +97,7 @@ from retro_dask.index import read_index_file
 from retro_dask.workdir import embeddings_path, trained_index_path
 w, tag = {str(w)!r}, {tag!r}
 t0 = time.perf_counter()
-f = faiss(); f.omp_set_num_threads(os.cpu_count())
+f = faiss(); f.omp_set_num_threads({threads})
 index = read_index_file(trained_index_path(w, tag))
 emb = arrays.open_read(embeddings_path(w)); B = emb.chunks[0]
 for lo in range(0, emb.shape[0], B):
@@ -155,11 +158,26 @@ def main() -> None:
         tag = train["tag"]
         print(f"trained {train['factory']} in {train['seconds']:.1f} s", flush=True)
         rows = []
-        base = baseline_add(big, tag)
-        rows.append(["baseline: one process, Faiss threads", n, f"{base['seconds']:.1f}", "1.00", "-", "-",
-                     f"{base['rss_mb']:.0f}"])
+        base = baseline_add(big, tag, cores)
         print(json.dumps({"baseline": base}), flush=True)
+        # The pipeline on one core against Faiss on one core: the per-core overhead, and what
+        # the second worker buys (a 2-core machine has no core left for it otherwise).
+        base1 = baseline_add(big, tag, 1) if "1thread" in runs else None
+        if base1:
+            print(json.dumps({"baseline, 1 thread": base1}), flush=True)
+
+        def ratios(seconds: float | None) -> list[str]:
+            if seconds is None:
+                return ["-", "-"]
+            return [f"{seconds / base['seconds']:.2f}", f"{seconds / base1['seconds']:.2f}" if base1 else "-"]
+
+        rows.append([f"baseline: one process, Faiss {cores} threads", n, f"{base['seconds']:.1f}", *ratios(base["seconds"]),
+                     "-", "-", f"{base['rss_mb']:.0f}"])
+        if base1:
+            rows.append(["baseline: one process, Faiss 1 thread", n, f"{base1['seconds']:.1f}", *ratios(base1["seconds"]),
+                         "-", "-", f"{base1['rss_mb']:.0f}"])
         for name, label, workers, threads, disk, w in (
+            ("1thread", "pipeline: 1 worker x 1 thread", 1, 1, False, big),
             ("1worker", f"pipeline: 1 worker x {cores} threads", 1, cores, False, big),
             ("2workers", f"pipeline: {cores} workers x 1 thread", cores, 1, False, big),
             ("disk", f"pipeline: {cores} workers, --index-on-disk", cores, 1, True, big),
@@ -171,11 +189,11 @@ def main() -> None:
             reset_add(w, tag)
             stats = run_stage(w, "index-add", workers, threads, disk)
             print(json.dumps({label: stats}), flush=True)
-            rows.append([label, stats["ntotal"], f"{stats['seconds']:.1f}",
-                         f"{stats['seconds'] / base['seconds']:.2f}" if w is big else "-",
+            rows.append([label, stats["ntotal"], f"{stats['seconds']:.1f}", *ratios(stats["seconds"] if w is big else None),
                          f"{stats['merge_seconds'] + stats['assemble_seconds']:.1f}", encode_peaks(w),
                          f"{stats['assemble_worker_peak_rss_mb']:.0f}"])
-        out = table(rows, ["run", "vectors", "wall s", "/ baseline", "merge + assemble s",
+        out = table(rows, ["run", "vectors", "wall s", f"/ baseline ({cores} threads)", "/ baseline (1 thread)",
+                           "merge + assemble s",
                            "encode worker peak MB", "assembly peak MB"])
         print(f"\nindex-add, {args.index_str} on {D}-d vectors, {machine()}\n")
         print(out)

@@ -89,3 +89,17 @@ def test_embed_texts_for_notebooks():
     assert x.shape == (3, 384)
     sim = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     assert sim(x[0], x[1]) > sim(x[0], x[2])
+
+
+def test_embedded_cluster_starts_workers_with_one_malloc_arena(tmp_path):
+    """The model runs on a Dask task thread; glibc's per-thread arenas slowed it (RESULTS.md note 6)."""
+    import os
+
+    from retro_dask.cluster import open_client
+    from retro_dask.config import RunOptions
+
+    options = RunOptions(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0", progress=False)
+    with open_client(options, str(tmp_path), log=lambda m: None) as client:
+        seen = client.run(lambda: (os.environ.get("MALLOC_ARENA_MAX"), os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+    assert [v[0] for v in seen.values()] == ["1"]
+    assert [v[1] for v in seen.values()] == ["65536"]  # Dask's own pre-spawn settings are kept
