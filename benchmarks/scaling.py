@@ -53,7 +53,8 @@ def main() -> None:
             samples = ["--train-samples", str(args.train_samples), "--valid-samples", "0", "--test-samples", "0"]
             run_cli(w, "db-build", *samples, prefix=prefix)
             store_synthetic_embeddings(w)
-            run_cli(w, "index-train,index-add")
+            run_cli(w, "index-train")  # separate runs: each stage's worker peak RSS is its own
+            run_cli(w, "index-add")
             run_cli(w, "query-neighbors")
             db, tr, add, q = (stats(w, s) for s in ("db-build", "index-train", "index-add", "query-neighbors"))
             n = db["n_chunks"]
