@@ -88,10 +88,10 @@ def check_workers_see_workdir(client, workdir: str) -> None:
 def spawn_environ() -> dict:
     """The environment the nannies of the embedded cluster start worker processes with.
 
-    Dask's own (``distributed.nanny.pre-spawn-environ``) plus ``MALLOC_ARENA_MAX=1``:
+    Dask's own (``distributed.nanny.pre-spawn-environ``), ``MODEL_ENV``, and ``MALLOC_ARENA_MAX=1``:
     glibc gives every thread but the main one its own malloc arena, and BERT's
     forward passes on a Dask task thread ran 3-9% slower than on a main thread,
-    with 7x the page faults (RESULTS.md, profiling note 6). It has to be in the
+    with 7x the page faults (RESULTS.md, profiling notes 6 and 10). It has to be in the
     environment when the process starts, hence here and not in ``WORKER_ENV``;
     for ``dask worker``, export it in the shell that starts them. (The nanny
     also leaves these variables in the driver's own environment.)
@@ -100,7 +100,16 @@ def spawn_environ() -> dict:
 
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     env.setdefault("MALLOC_ARENA_MAX", 1)
+    env.update({k: v for k, v in MODEL_ENV.items() if k not in env})
     return env
+
+
+# oneDNN keeps the primitives (JIT kernels) of up to 1,024 shapes; BERT batches
+# cut by length rarely repeat a shape, so with the default the workers' memory
+# grew with every block (in one process: 591 -> 837 MB over 8 blocks of fp32,
+# 660 -> 1,430 MB over 12 of bf16). Eight entries keep it flat (fp32 ~700 MB,
+# bf16 ~900 MB) at the same speed within the noise (RESULTS.md, profiling note 11).
+MODEL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"}
 
 
 def _set_worker_env() -> None:

@@ -153,6 +153,10 @@ class Embedder:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             tune_allocator()
+            from .cluster import MODEL_ENV
+
+            for key, value in MODEL_ENV.items():  # read when oneDNN makes its first primitive
+                os.environ.setdefault(key, value)
             # Decided on purpose: a Dask worker's thread count (1 in the default
             # cluster, one worker per core), or every core in a plain process.
             torch.set_num_threads(threads or worker_threads())
