@@ -85,6 +85,14 @@ def check_workers_see_workdir(client, workdir: str) -> None:
         )
 
 
+# oneDNN keeps the primitives (JIT kernels) of up to 1,024 shapes; BERT batches
+# cut by length rarely repeat a shape, so with the default the workers' memory
+# grew with every block (in one process: 591 -> 837 MB over 8 blocks of fp32,
+# 660 -> 1,430 MB over 12 of bf16). Eight entries keep it flat (fp32 ~700 MB,
+# bf16 ~900 MB) at the same speed within the noise (RESULTS.md, profiling note 11).
+MODEL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"}
+
+
 def spawn_environ() -> dict:
     """The environment the nannies of the embedded cluster start worker processes with.
 
@@ -102,14 +110,6 @@ def spawn_environ() -> dict:
     env.setdefault("MALLOC_ARENA_MAX", 1)
     env.update({k: v for k, v in MODEL_ENV.items() if k not in env})
     return env
-
-
-# oneDNN keeps the primitives (JIT kernels) of up to 1,024 shapes; BERT batches
-# cut by length rarely repeat a shape, so with the default the workers' memory
-# grew with every block (in one process: 591 -> 837 MB over 8 blocks of fp32,
-# 660 -> 1,430 MB over 12 of bf16). Eight entries keep it flat (fp32 ~700 MB,
-# bf16 ~900 MB) at the same speed within the noise (RESULTS.md, profiling note 11).
-MODEL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"}
 
 
 def _set_worker_env() -> None:

@@ -467,14 +467,14 @@ class ListWriter:
     ``ArrayInvertedLists``. The lists are written a slice at a time
     (``ASSEMBLY_SLICE_BYTES``): each partial's entries for a slice of lists are
     contiguous, so a slice costs one ``pread`` per partial, a stable sort by list,
-    and one ``pwrite``. Reading with ``pread`` rather than a memory map keeps the
+    and one ``pwritev``. Reading with ``pread`` rather than a memory map keeps the
     pages out of this process's RSS, which Dask watches.
     """
 
     def __init__(self, folders: Sequence[Path], layout: IndexLayout):
         self.layout = layout
         self.sizes = np.zeros(layout.nlist, dtype=np.int64)
-        self.parts = []  # (first entry of each of its lists, its lists, codes fd + offset, ids fd + offset)
+        self.parts = []  # per partial: its lists, where each list starts, (fd, data offset) of codes and of ids
         self._fds: list[int] = []
         for folder in folders:
             lists = np.load(folder / "lists.npy", allow_pickle=False)
@@ -550,7 +550,8 @@ class ListWriter:
                     pieces += [codes[k : k + n], ids[k : k + n]]
                     k += n
             pwritev_all(fd, pieces, at)
-            os.posix_fadvise(fd, at, n_slice * entry, os.POSIX_FADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):  # Linux: start the write-back now
+                os.posix_fadvise(fd, at, n_slice * entry, os.POSIX_FADV_DONTNEED)
             at += n_slice * entry
             del codes, ids, pieces
 
@@ -601,7 +602,7 @@ def ondisk_lists(sizes: np.ndarray, layout: IndexLayout, standin: Path, final_pa
     return invlists
 
 
-_EMPTY_ARRAY_LISTS = b"ilar"  # Faiss's fourcc of serialized ArrayInvertedLists
+ARRAY_LISTS_FOURCC = b"ilar"  # how Faiss tags serialized ArrayInvertedLists
 
 
 def serialized_head(index, layout: IndexLayout) -> bytes | None:
@@ -612,7 +613,7 @@ def serialized_head(index, layout: IndexLayout) -> bytes | None:
     """
     f = faiss()
     data = f.serialize_index(index).tobytes()
-    tail = (_EMPTY_ARRAY_LISTS + np.array([layout.nlist, layout.code_size], np.uint64).tobytes() + b"sprs"
+    tail = (ARRAY_LISTS_FOURCC + np.array([layout.nlist, layout.code_size], np.uint64).tobytes() + b"sprs"
             + np.zeros(1, np.uint64).tobytes())
     if not data.endswith(tail) or ivf_of(index).invlists.compute_ntotal() != 0:
         return None
@@ -628,7 +629,7 @@ def array_lists_header(sizes: np.ndarray, layout: IndexLayout) -> bytes:
         kind, table = b"full", np.asarray(sizes, np.uint64)
     else:
         kind, table = b"sprs", np.stack([non_empty, sizes[non_empty]], axis=1).astype(np.uint64).reshape(-1)
-    return (_EMPTY_ARRAY_LISTS + np.array([layout.nlist, layout.code_size], np.uint64).tobytes() + kind
+    return (ARRAY_LISTS_FOURCC + np.array([layout.nlist, layout.code_size], np.uint64).tobytes() + kind
             + np.array([len(table)], np.uint64).tobytes() + table.tobytes())
 
 
