@@ -407,12 +407,7 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
             f.write_index(index, str(tmp / final.name))
         elif on_disk:
             _set_ntotal(index, lists.ntotal)
-            fd = os.open(tmp / ivfdata.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                lists.write_data(fd, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            lists.write_file(tmp / ivfdata.name)
             invlists = ondisk_lists(lists.sizes, layout, tmp / "sizing.ivfdata", str(ivfdata))
             ivf.replace_invlists(invlists, True)
             invlists.this.disown()
@@ -425,14 +420,7 @@ def assemble(workdir: str, tag: str, level: int, numbers: Sequence[int], on_disk
                     _fill(ivf.invlists, p)
                 f.write_index(index, str(tmp / final.name))
             else:
-                fd = os.open(tmp / final.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    head += array_lists_header(lists.sizes, layout)
-                    pwrite_all(fd, head, 0)
-                    lists.write_data(fd, len(head))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                lists.write_file(tmp / final.name, head + array_lists_header(lists.sizes, layout))
         ntotal = lists.ntotal
         del index
         if on_disk:
@@ -516,6 +504,16 @@ class ListWriter:
             out.append((lo, hi))
             lo = hi
         return out
+
+    def write_file(self, path: Path, head: bytes = b"") -> None:
+        """Write ``head`` then the list data into a new file at ``path``, fsynced."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            pwrite_all(fd, head, 0)
+            self.write_data(fd, len(head))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def write_data(self, fd: int, base: int) -> None:
         """Write the list data at ``base``; ask the kernel to start writing each slice back to

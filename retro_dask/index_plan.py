@@ -148,12 +148,10 @@ def default_nprobe(nlist: int) -> int:
     return min(nlist, max(16, nlist // 8))
 
 
-def encode_span(n_blocks: int, block_size: int, rows: int | None = None, min_tasks: int | None = None) -> int:
+def encode_span(n_blocks: int, block_size: int) -> int:
     """Embedding blocks per index-add encode task: a function of the database alone, so a rerun
     on any cluster finds the same tasks."""
-    rows = ENCODE_ROWS if rows is None else rows
-    min_tasks = MIN_ENCODE_TASKS if min_tasks is None else min_tasks
-    return max(1, min(rows // max(block_size, 1), n_blocks // max(min_tasks, 1)))
+    return max(1, min(ENCODE_ROWS // max(block_size, 1), n_blocks // max(MIN_ENCODE_TASKS, 1)))
 
 
 def reduction_levels(n_partials: int, partial_bytes: float, budget: int = MERGE_BUDGET,
