@@ -22,10 +22,11 @@ Dask tasks ship the spec and call :func:`get_gpt_tokenizer` /
 Threads: Dask workers here run one thread each, so every method that encodes
 many texts takes ``num_threads`` (default 1). With ``num_threads=1`` all work
 runs on the calling thread: tiktoken is called text by text, and ``tokenizers``
-is called through its single-text ``encode``, which never touches the library's
-own (rayon) thread pool, whatever ``TOKENIZERS_PARALLELISM`` says. With
+through ``encode_batch_fast`` when ``TOKENIZERS_PARALLELISM`` turns its (rayon)
+thread pool off, as in Dask workers, else through its single-text ``encode``,
+which never touches that pool. With
 ``num_threads > 1`` tiktoken uses that many Python threads (it releases the
-GIL), while ``tokenizers`` uses its ``encode_batch`` thread pool, whose size is
+GIL), while ``tokenizers`` uses its ``encode_batch_fast`` thread pool, whose size is
 ``RAYON_NUM_THREADS`` (default: all cores) and which ``TOKENIZERS_PARALLELISM=false``
 turns off.
 """
@@ -151,22 +152,36 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+_PARALLELISM_OFF = ("off", "false", "f", "no", "n", "0")
+
+
+def _rayon_off() -> bool:
+    """Whether ``TOKENIZERS_PARALLELISM`` turns the tokenizers thread pool off (read per call, as the library does)."""
+    return os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in _PARALLELISM_OFF
+
+
 def _hf_encode(tokenizer, texts: list[str], num_threads: int, add_special_tokens: bool = False) -> list:
-    """Encode texts with a ``tokenizers.Tokenizer``, on this thread when ``num_threads == 1``."""
-    if num_threads == 1:
-        # Tokenizer.encode (one text) runs on the calling thread; only
-        # encode_batch uses the rayon pool. Measured in tests/test_tokenizer.py.
+    """Token ids of texts (``.ids``; no offsets or token strings), on this thread when ``num_threads == 1``.
+
+    ``encode_batch_fast`` (no character offsets: nothing here reads them) is
+    1.4x faster than text-by-text ``encode`` (6,464 chunks: 0.59 s against
+    0.87 s), but runs on the rayon pool unless ``TOKENIZERS_PARALLELISM`` is off,
+    as it is in Dask workers (``cluster.WORKER_ENV``). With the pool on,
+    ``num_threads=1`` stays text by text on the calling thread.
+    """
+    if num_threads == 1 and not _rayon_off():
+        encode = functools.partial(tokenizer.encode, add_special_tokens=add_special_tokens)
         out = []
         for text in texts:
             try:
-                out.append(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+                out.append(encode(text))
             except TypeError:
-                out.append(tokenizer.encode(_replace_surrogates(text), add_special_tokens=add_special_tokens))
+                out.append(encode(_replace_surrogates(text)))
         return out
     try:
-        return tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
     except TypeError:
-        return tokenizer.encode_batch([_replace_surrogates(t) for t in texts], add_special_tokens=add_special_tokens)
+        return tokenizer.encode_batch_fast([_replace_surrogates(t) for t in texts], add_special_tokens=add_special_tokens)
 
 
 def _load_hf_tokenizer(path: str):
@@ -794,7 +809,7 @@ class BertTokenizer:
         """
         texts = _as_text_list(texts)
         encodings = _hf_encode(self._tokenizer, texts, _check_num_threads(num_threads))
-        return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
+        return np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(texts))
 
     def encode_for_model(self, texts: Iterable[str], max_length: int, num_threads: int = 1) -> list[list[int]]:
         """Return ``[CLS] + wordpieces + [SEP]`` ids per text, at most ``max_length`` ids in all.
@@ -810,7 +825,11 @@ class BertTokenizer:
 
     def tokens(self, text: str) -> list[str]:
         """Return the wordpiece strings of ``text`` without [CLS]/[SEP] (for notebooks)."""
-        return _hf_encode(self._tokenizer, [_check_text(text)], 1)[0].tokens
+        text = _check_text(text)
+        try:  # encode: the batch_fast path of _hf_encode leaves the token strings empty
+            return self._tokenizer.encode(text, add_special_tokens=False).tokens
+        except TypeError:
+            return self._tokenizer.encode(_replace_surrogates(text), add_special_tokens=False).tokens
 
 
 @functools.lru_cache(maxsize=8)

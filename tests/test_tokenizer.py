@@ -565,14 +565,19 @@ _THREAD_PROBE = textwrap.dedent(
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
-def test_single_thread_is_honoured(tokenizer_json):
+@pytest.mark.parametrize("parallelism", [None, "false"])
+def test_single_thread_is_honoured(tokenizer_json, parallelism):
     """With num_threads=1 the tokenizers thread pool is never started and CPU time stays within wall time.
 
-    Run in a fresh process so no earlier test has started the pool. The
-    num_threads=2 call afterwards shows the probe would see the pool.
+    Run in a fresh process so no earlier test has started the pool. Unset,
+    ``TOKENIZERS_PARALLELISM`` leaves the pool on (text-by-text ``encode``), and
+    the num_threads=2 call afterwards shows the probe would see the pool; set
+    to false as in Dask workers (the batch path), no call starts it.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
     env["HF_HUB_OFFLINE"] = "1"
+    if parallelism is not None:
+        env["TOKENIZERS_PARALLELISM"] = parallelism
     out = subprocess.run(
         [sys.executable, "-c", _THREAD_PROBE, tokenizer_json],
         env=env,
@@ -584,4 +589,7 @@ def test_single_thread_is_honoured(tokenizer_json):
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["single"] == probe["before"], probe
     assert probe["cpu"] <= 1.1 * probe["wall"] + 0.05, probe
-    assert probe["pooled"] > probe["single"], probe
+    if parallelism is None:
+        assert probe["pooled"] > probe["single"], probe
+    else:
+        assert probe["pooled"] == probe["single"], probe
