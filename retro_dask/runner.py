@@ -106,12 +106,39 @@ class StageResult:
 
 @dataclass(frozen=True)
 class BlockStage:
-    """A block stage to run: its name (the ledger), block count, and task maker."""
+    """A block stage to run: its name (the ledger), block count, and task maker.
+
+    ``make_span_task(blocks)``, if given, makes one task that computes several
+    blocks in turn and returns their records as a list: for stages whose blocks
+    take milliseconds, where Dask's cost per task would dominate.
+    """
 
     stage: str
     n_blocks: int
     make_task: Callable[[int], Any]
     desc: str | None = None
+    make_span_task: Callable[[list[int]], Any] | None = None
+
+
+# A task of a spanned stage computes at most this many blocks; spans shrink
+# toward the end of the stage so that no worker waits long for the last one.
+MAX_SPAN = 16
+SPANS_PER_THREAD = 4
+
+
+def guided_spans(blocks: list[int], n_threads: int, max_span: int = MAX_SPAN) -> list[list[int]]:
+    """Cut ``blocks`` (in order) into spans of ``ceil(remaining / (4 x threads))`` blocks, at most ``max_span``.
+
+    Guided self-scheduling: large spans while much is left, single blocks at
+    the end. 334 blocks on 2 threads: 39 tasks instead of 334.
+    """
+    spans: list[list[int]] = []
+    i = 0
+    while i < len(blocks):
+        size = max(1, min(max_span, -(-(len(blocks) - i) // (SPANS_PER_THREAD * max(1, n_threads)))))
+        spans.append(blocks[i : i + size])
+        i += size
+    return spans
 
 
 class Runner:
@@ -178,13 +205,18 @@ class Runner:
         desc: str | None = None,
         unit: str = "rows",
         rows_key: str = "n_rows",
+        make_span_task: Callable[[list[int]], Any] | None = None,
     ) -> StageResult:
         """Compute every block of ``stage`` that its ledger does not record as done.
 
         ``make_task(block)`` returns a ``dask.delayed`` whose result is the
-        block's ledger record (written by the task itself after its data).
+        block's ledger record (written by the task itself after its data);
+        ``make_span_task(blocks)``, if given, one whose result is the list of
+        their records, used on a cluster to run several blocks per task
+        (``guided_spans``). Every block still has its own record, so a resumed
+        run skips exactly the blocks that were finished.
         """
-        spec = BlockStage(stage, n_blocks, make_task, desc)
+        spec = BlockStage(stage, n_blocks, make_task, desc, make_span_task)
         return self.run_stages([spec], desc=desc or stage, unit=unit, rows_key=rows_key)[stage]
 
     def run_stages(self, specs: list["BlockStage"], desc: str, unit: str = "rows",
@@ -194,7 +226,7 @@ class Runner:
         Stages run together keep every worker busy to the end, where running
         them one after another would leave workers idle at each stage's tail.
         """
-        todo: list[tuple[str, int]] = []
+        todo: list[tuple[str, list[int]]] = []
         skipped: dict[str, int] = {}
         for spec in specs:
             done = Ledger(self.workdir, spec.stage).done_blocks(spec.n_blocks)
@@ -203,8 +235,11 @@ class Runner:
             if skipped[spec.stage]:
                 self.log(f"[{spec.desc or spec.stage}] {skipped[spec.stage]} of {spec.n_blocks} blocks already "
                          "done: skipped")
-            todo += [(spec.stage, b) for b in missing]
-        makers = {spec.stage: spec.make_task for spec in specs}
+            if spec.make_span_task is not None and self.client is not None:
+                todo += [(spec.stage, span) for span in guided_spans(missing, self.n_threads)]
+            else:
+                todo += [(spec.stage, [b]) for b in missing]
+        makers = {spec.stage: spec for spec in specs}
         total = sum(spec.n_blocks for spec in specs)
         start = time.perf_counter()
         records: dict[str, list[dict[str, Any]]] = {spec.stage: [] for spec in specs}
@@ -226,13 +261,23 @@ class Runner:
         return {spec.stage: StageResult(spec.stage, spec.n_blocks, skipped[spec.stage], seconds, records[spec.stage])
                 for spec in specs}
 
-    def _iterate(self, todo: list[tuple[str, int]], makers: dict[str, Callable[[int], Any]]):
+    def _iterate(self, todo: list[tuple[str, list[int]]], specs: dict[str, BlockStage]):
         """Yield ``(stage, record)`` as tasks finish, keeping a bounded number in flight."""
         if not todo:
             return
+
+        def task(stage: str, blocks: list[int]):
+            if len(blocks) == 1:
+                return specs[stage].make_task(blocks[0])
+            return specs[stage].make_span_task(blocks)
+
+        def records(result) -> list:
+            return result if isinstance(result, list) else [result]
+
         if self.client is None:
-            for stage, b in todo:
-                yield stage, dask.compute(makers[stage](b), scheduler="synchronous")[0]
+            for stage, blocks in todo:
+                for record in records(dask.compute(task(stage, blocks), scheduler="synchronous")[0]):
+                    yield stage, record
             return
         from distributed import as_completed
 
@@ -241,7 +286,7 @@ class Runner:
         live: set = set()
 
         def submit(item):
-            fut = self.client.compute(makers[item[0]](item[1]))
+            fut = self.client.compute(task(*item))
             stage_of[fut.key] = item[0]
             live.add(fut)
             return fut
@@ -256,7 +301,8 @@ class Runner:
                 nxt = next(pending, None)
                 if nxt is not None:
                     queue.add(submit(nxt))
-                yield stage, record
+                for r in records(record):
+                    yield stage, r
         except BaseException:
             for f in live:
                 f.cancel()

@@ -178,3 +178,18 @@ def test_candidate_boundaries_are_a_lazy_array_that_reads_no_token(tmp_path, sma
     np.testing.assert_array_equal(boundaries[:, :3], stored[:, :3])
     trimmed = boundaries[:, 3] != stored[:, 3]
     assert np.all(boundaries[trimmed, 3] == stored[trimmed, 3] + 1)
+
+
+def test_guided_spans_cover_every_block_once_in_order():
+    """Short block tasks run several to a Dask task on a cluster; spans shrink to single blocks at the end."""
+    from retro_dask.runner import MAX_SPAN, guided_spans
+
+    for blocks, threads in [(list(range(334)), 2), (list(range(21)), 2), ([0, 3, 4, 9, 10, 11], 1), ([], 4),
+                            (list(range(5000)), 16)]:
+        spans = guided_spans(blocks, threads)
+        assert [b for s in spans for b in s] == blocks
+        assert all(1 <= len(s) <= MAX_SPAN for s in spans)
+        assert [len(s) for s in spans] == sorted((len(s) for s in spans), reverse=True)
+        if blocks:
+            assert len(spans[-1]) == 1
+    assert len(guided_spans(list(range(334)), 2)) < 334 / 8
