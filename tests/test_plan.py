@@ -118,6 +118,23 @@ def test_sample_rows_is_a_sorted_uniform_subset(n_rows, n_sample, seed):
     assert len(rows) == 0 or (rows[0] >= 0 and rows[-1] < n_rows)
 
 
+def test_sample_rows_is_uniform_and_memory_follows_the_sample():
+    """Every row equally likely (chi-square over 20 bins), and no O(n_rows) array for a large range."""
+    import tracemalloc
+
+    counts = np.zeros(20)
+    for seed in range(200):
+        counts += np.bincount(sample_rows(100_000, 2_000, np.random.default_rng(seed)) // 5_000, minlength=20)
+    expected = counts.sum() / 20
+    assert ((counts - expected) ** 2 / expected).sum() < 43.8  # chi-square, 19 degrees of freedom, p = 0.001
+    tracemalloc.start()
+    rows = sample_rows(80_000_000, 5_000_000, np.random.default_rng(0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(np.unique(rows)) == 5_000_000
+    assert peak < 300e6, peak  # numpy's sampler would hold the range: 640 MB
+
+
 def test_sample_is_not_a_prefix():
     rows = sample_rows(100_000, 1000, np.random.default_rng(1234))
     assert rows[-1] > 90_000 and rows[0] < 10_000  # spread over the whole range
