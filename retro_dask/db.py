@@ -321,7 +321,7 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
         return dask.delayed(candidates_task, pure=False)(job, b, plan.starts[b], hi - lo)
 
     def candidate_span_task(blocks: list[int]):
-        spans = [(b, plan.starts[b], plan.block_rows(b)[1] - plan.block_rows(b)[0]) for b in blocks]
+        spans = [(b, plan.starts[b], hi - lo) for b in blocks for lo, hi in [plan.block_rows(b)]]
         return dask.delayed(candidates_span_task, pure=False)(job, spans)
 
     cand_result = runner.run_blocks("db-candidates", plan.n_blocks, candidate_task, desc="db-build: BERT lengths",

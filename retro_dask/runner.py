@@ -239,14 +239,14 @@ class Runner:
                 todo += [(spec.stage, span) for span in guided_spans(missing, self.n_threads)]
             else:
                 todo += [(spec.stage, [b]) for b in missing]
-        makers = {spec.stage: spec for spec in specs}
+        by_stage = {spec.stage: spec for spec in specs}
         total = sum(spec.n_blocks for spec in specs)
         start = time.perf_counter()
         records: dict[str, list[dict[str, Any]]] = {spec.stage: [] for spec in specs}
         bar = self._bar(desc, total, total - len(todo), unit)
         rows_done = 0.0
         try:
-            for stage, record in self._iterate(todo, makers):
+            for stage, record in self._iterate(todo, by_stage):
                 records[stage].append(record)
                 rows_done += float(record.get(rows_key, 0) or 0)
                 if bar is not None:
