@@ -130,14 +130,23 @@ def candidate_job(workdir: str, config: BuildConfig, facts: Sequence[DatasetFact
                         config.chunk.chunk_length, gpt_spec(config), bert_spec(config))
 
 
-def candidate_records(workdir: str, n_blocks_: int) -> list[dict[str, Any]]:
+def candidate_counts_of_blocks(workdir: str, n_blocks_: int, n_datasets: int) -> tuple[list[int], np.ndarray]:
+    """Valid chunks per block, and valid / invalid / empty candidates per dataset (rows of a ``[3, n]`` array).
+
+    Reads the ledger one record at a time: the driver keeps a few integers per block.
+    """
     from .workdir import Ledger
 
-    records = Ledger(workdir, "db-candidates").records(n_blocks_)
-    missing = [b for b, r in enumerate(records) if r is None]
-    if missing:
-        raise RuntimeError(f"db-candidates blocks {missing[:10]} have no record after the stage finished")
-    return records  # type: ignore[return-value]
+    ledger = Ledger(workdir, "db-candidates")
+    n_valid: list[int] = []
+    counts = np.zeros((3, n_datasets), np.int64)
+    for b in range(n_blocks_):
+        r = ledger.read(b)
+        if r is None:
+            raise RuntimeError(f"db-candidates block {b} has no record after the stage finished")
+        n_valid.append(int(r["n_valid"]))
+        counts += [r["valid_per_dataset"], r["invalid_per_dataset"], r["empty_per_dataset"]]
+    return n_valid, counts
 
 
 def chunk_tokens(ds: IndexedDataset, rows: np.ndarray) -> list[np.ndarray]:
@@ -326,20 +335,13 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
 
     cand_result = runner.run_blocks("db-candidates", plan.n_blocks, candidate_task, desc="db-build: BERT lengths",
                                     make_span_task=candidate_span_task)
-    records = candidate_records(w, plan.n_blocks)
     n_ds = len(facts)
-    valid = np.zeros(n_ds, np.int64)
-    invalid = np.zeros(n_ds, np.int64)
-    empty = np.zeros(n_ds, np.int64)
-    for r in records:
-        valid += r["valid_per_dataset"]
-        invalid += r["invalid_per_dataset"]
-        empty += r["empty_per_dataset"]
+    valid_per_block, (valid, invalid, _) = candidate_counts_of_blocks(w, plan.n_blocks, n_ds)
     n_chunks = int(valid.sum())
     if n_chunks == 0:
         raise InputError("no chunk of the training split has any BERT token: check the corpus and --bert-model")
 
-    compaction = plan_compaction([r["n_valid"] for r in records], B)
+    compaction = plan_compaction(valid_per_block, B)
     arrays.create(chunks_path(w), (n_chunks, 5), np.int64, B, fill_value=0)
     chunk_result = runner.run_blocks(
         "db-chunks", len(compaction),

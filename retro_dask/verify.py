@@ -273,7 +273,8 @@ def verify_workdir(runner, config, fraction: float, log=print, rng: np.random.Ge
     import dask
 
     from .build import run_stage
-    from .db import candidate_job, candidate_records, compute_candidates, compute_compaction, dataset_facts, gpt_spec, plan_candidates
+    from .db import (candidate_counts_of_blocks, candidate_job, compute_candidates, compute_compaction, dataset_facts,
+                     gpt_spec, plan_candidates)
     from .embed import compute_embeddings
     from .plan import plan_compaction
 
@@ -320,8 +321,8 @@ def verify_workdir(runner, config, fraction: float, log=print, rng: np.random.Ge
                      cand_recompute, compare_exact, log)
     checks = [(c1, candidates_path(w))]
     if not c1.bad:
-        records = candidate_records(w, plan.n_blocks)
-        compaction = plan_compaction([r["n_valid"] for r in records], config.chunk.block_size)
+        valid_per_block, _ = candidate_counts_of_blocks(w, plan.n_blocks, len(plan.candidates_per_dataset))
+        compaction = plan_compaction(valid_per_block, config.chunk.block_size)
         c2 = check_stage(runner, "db-chunks", chunks_path(w), len(compaction), fraction, rng,
                          lambda b: dask.delayed(compute_compaction, pure=False)(w, compaction[b]), compare_exact, log)
         checks.append((c2, chunks_path(w)))
