@@ -283,7 +283,7 @@ def raw_to_npy(raw, out, dtype, n: int) -> None:
 
     with open(out, "wb") as f, open(raw, "rb") as src:
         npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)})
-        shutil.copyfileobj(src, f, 16 << 20)
+        shutil.copyfileobj(src, f, 1 << 20)
 
 
 def lookup_documents(first_row: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
