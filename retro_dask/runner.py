@@ -260,7 +260,7 @@ class Runner:
         total = sum(spec.n_blocks for spec in specs)
         start = time.perf_counter()
         results = {spec.stage: StageResult(spec.stage, spec.n_blocks, skipped[spec.stage]) for spec in specs}
-        bar = self._bar(desc, total, total - len(todo), unit)
+        bar = self._bar(desc, total, sum(skipped.values()), unit)
         rows_done = 0.0
         try:
             for stage, record in self._iterate(todo, by_stage):

@@ -193,3 +193,17 @@ def test_guided_spans_cover_every_block_once_in_order():
         if blocks:
             assert len(spans[-1]) == 1
     assert len(guided_spans(list(range(334)), 2)) < 334 / 8
+
+
+def test_progress_counts_blocks_not_tasks(tmp_path, small_corpus_prefix, capsys):
+    """With several blocks per task the bar still starts at the skipped blocks and ends at the total."""
+    import re
+
+    config = db_config([small_corpus_prefix], block_size=64)
+    run_build(tmp_path / "w", config, RunOptions(n_workers=2, progress=True, dashboard_address="127.0.0.1:0"),
+              "db-build", log=lambda m: None)
+    err = capsys.readouterr().err
+    counts = [(int(a), int(b)) for a, b in re.findall(r"BERT lengths:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", err)]
+    assert counts and all(done <= total for done, total in counts), counts[:5]
+    assert counts[0][0] < counts[-1][0] == counts[-1][1]
+    assert not re.search(r"BERT lengths: \d+block", err)  # tqdm's form once the count passes the total
