@@ -107,8 +107,8 @@ def spawn_environ() -> dict:
     import dask
 
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    env.setdefault("MALLOC_ARENA_MAX", 1)
-    env.update({k: v for k, v in MODEL_ENV.items() if k not in env})
+    for key, value in {"MALLOC_ARENA_MAX": 1, **MODEL_ENV}.items():
+        env.setdefault(key, value)
     return env
 
 

@@ -41,7 +41,7 @@ from .plan import (
     sample_rows,
     split_document_ranges,
 )
-from .runner import Runner, block_record, guided_spans
+from .runner import Runner, block_record, guided_spans, run_each
 from .tokenizer import BertTokenizerSpec, GPTTokenizerSpec, get_bert_tokenizer, get_gpt_tokenizer
 from .workdir import (
     atomic_path,
@@ -208,11 +208,6 @@ def candidates_task(job: CandidateJob, block: int, start: BlockStart, count: int
     return arrays.write_block(job.workdir, "db-candidates", candidates_path(job.workdir), block, rows, stats)
 
 
-def candidates_span_task(job: CandidateJob, blocks: Sequence[tuple[int, BlockStart, int]]) -> list[dict[str, Any]]:
-    """Several blocks of candidates.zarr in one task (a block takes ~0.1 s; a Dask task costs the driver ~10 ms)."""
-    return [candidates_task(job, block, start, count) for block, start, count in blocks]
-
-
 def compute_compaction(workdir: str, slices: Sequence[CompactionSlice]) -> np.ndarray:
     """One block of chunks.zarr: the valid candidates its slices name, in order."""
     cand = arrays.open_read(candidates_path(workdir))
@@ -229,10 +224,6 @@ def compaction_task(workdir: str, block: int, slices: Sequence[CompactionSlice])
     t0 = time.perf_counter()
     data = compute_compaction(workdir, slices)
     return arrays.write_block(workdir, "db-chunks", chunks_path(workdir), block, data, block_record(len(data), t0))
-
-
-def compaction_span_task(workdir: str, blocks: Sequence[tuple[int, Sequence[CompactionSlice]]]) -> list[dict[str, Any]]:
-    return [compaction_task(workdir, block, slices) for block, slices in blocks]
 
 
 def doc_starts_task(workdir: str, block: int, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -325,16 +316,17 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
     job = candidate_job(w, config, facts)
     import dask
 
-    def candidate_task(b: int):
+    def candidate_args(b: int) -> tuple:
         lo, hi = plan.block_rows(b)
-        return dask.delayed(candidates_task, pure=False)(job, b, plan.starts[b], hi - lo)
+        return job, b, plan.starts[b], hi - lo
 
-    def candidate_span_task(blocks: list[int]):
-        spans = [(b, plan.starts[b], hi - lo) for b in blocks for lo, hi in [plan.block_rows(b)]]
-        return dask.delayed(candidates_span_task, pure=False)(job, spans)
-
-    cand_result = runner.run_blocks("db-candidates", plan.n_blocks, candidate_task, desc="db-build: BERT lengths",
-                                    make_span_task=candidate_span_task)
+    # A block is ~0.1 s of WordPiece and a Dask task costs ~25 ms: several blocks per task.
+    cand_result = runner.run_blocks(
+        "db-candidates", plan.n_blocks,
+        lambda b: dask.delayed(candidates_task, pure=False)(*candidate_args(b)),
+        desc="db-build: BERT lengths",
+        make_span_task=lambda bs: dask.delayed(run_each, pure=False)(candidates_task, [candidate_args(b) for b in bs]),
+    )
     n_ds = len(facts)
     valid_per_block, (valid, invalid, _) = candidate_counts_of_blocks(w, plan.n_blocks, n_ds)
     n_chunks = int(valid.sum())
@@ -347,7 +339,7 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
         "db-chunks", len(compaction),
         lambda j: dask.delayed(compaction_task, pure=False)(w, j, compaction[j]),
         desc="db-build: chunks",
-        make_span_task=lambda js: dask.delayed(compaction_span_task, pure=False)(w, [(j, compaction[j]) for j in js]),
+        make_span_task=lambda js: dask.delayed(run_each, pure=False)(compaction_task, [(w, j, compaction[j]) for j in js]),
     )
 
     if not stage_done(w, "db-docs"):

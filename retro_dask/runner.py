@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import dask
 
@@ -135,6 +135,11 @@ class BlockStage:
     make_task: Callable[[int], Any]
     desc: str | None = None
     make_span_task: Callable[[list[int]], Any] | None = None
+
+
+def run_each(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple]) -> list[dict[str, Any]]:
+    """``[fn(*args) for args in calls]``: the body of a span task (``BlockStage.make_span_task``)."""
+    return [fn(*args) for args in calls]
 
 
 # A task of a spanned stage computes at most this many blocks; spans shrink
