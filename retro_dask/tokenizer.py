@@ -160,6 +160,14 @@ def _rayon_off() -> bool:
     return os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in _PARALLELISM_OFF
 
 
+def _hf_encode_one(tokenizer, text: str, add_special_tokens: bool = False):
+    """``tokenizer.encode`` of one text (offsets and token strings included), on the calling thread."""
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except TypeError:  # lone surrogates
+        return tokenizer.encode(_replace_surrogates(text), add_special_tokens=add_special_tokens)
+
+
 def _hf_encode(tokenizer, texts: list[str], num_threads: int, add_special_tokens: bool = False) -> list:
     """Token ids of texts (``.ids``; no offsets or token strings), on this thread when ``num_threads == 1``.
 
@@ -170,14 +178,7 @@ def _hf_encode(tokenizer, texts: list[str], num_threads: int, add_special_tokens
     ``num_threads=1`` stays text by text on the calling thread.
     """
     if num_threads == 1 and not _rayon_off():
-        encode = functools.partial(tokenizer.encode, add_special_tokens=add_special_tokens)
-        out = []
-        for text in texts:
-            try:
-                out.append(encode(text))
-            except TypeError:
-                out.append(encode(_replace_surrogates(text)))
-        return out
+        return [_hf_encode_one(tokenizer, text, add_special_tokens) for text in texts]
     try:
         return tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
     except TypeError:
@@ -825,11 +826,8 @@ class BertTokenizer:
 
     def tokens(self, text: str) -> list[str]:
         """Return the wordpiece strings of ``text`` without [CLS]/[SEP] (for notebooks)."""
-        text = _check_text(text)
-        try:  # encode: the batch_fast path of _hf_encode leaves the token strings empty
-            return self._tokenizer.encode(text, add_special_tokens=False).tokens
-        except TypeError:
-            return self._tokenizer.encode(_replace_surrogates(text), add_special_tokens=False).tokens
+        # Not _hf_encode: its batch_fast path leaves the token strings empty.
+        return _hf_encode_one(self._tokenizer, _check_text(text)).tokens
 
 
 @functools.lru_cache(maxsize=8)
