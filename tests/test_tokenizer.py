@@ -291,6 +291,22 @@ def test_decode_never_raises(gpt, token_bytes, ids, form):
 
 
 @settings(max_examples=200, deadline=None)
+@given(
+    ids=st.lists(st.one_of(st.integers(0, 50256), st.integers(0, 1000), st.integers(50257, 50300)), max_size=60),
+    cuts=st.lists(st.integers(0, 60), max_size=12),
+    form=st.sampled_from(FORMS),
+)
+def test_decode_runs_is_decode_of_each_run(gpt, token_bytes, ids, cuts, form):
+    """Runs that cut characters apart, skip tokens, overlap or are empty; ids past the vocabulary take the slow path."""
+    tokens = np.array(ids, dtype=np.int64)
+    bounds = sorted(min(c, len(ids)) for c in cuts)
+    starts, ends = np.array(bounds[0::2], dtype=np.int64), np.array(bounds[1::2], dtype=np.int64)
+    starts = starts[: len(ends)]
+    texts = gpt[form].decode_runs(tokens, starts, ends)
+    assert texts == [_expected_decode(ids[a:b], token_bytes) for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+@settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=60), data=st.data(), form=st.sampled_from(FORMS))
 def test_decode_random_chunks_of_text(gpt, token_bytes, text, data, form):
     """Chunks of encoded random Unicode text decode like GPT-2's decoder."""
@@ -430,6 +446,64 @@ def test_bert_lengths_on_corpus(bert, hf_bert, docs):
     assert bert.lengths(sample, num_threads=2).tolist() == expected
 
 
+# Characters chosen to break a character-by-character shortcut: controls, Unicode
+# spaces, accents precomposed and combining, CJK, final sigma, dotted capital I,
+# ligatures, marks of other scripts, emoji, the replacement character, surrogates,
+# and the pieces of added tokens.
+_ALPHABET = (
+    list("aZz09 .,;'-_!?$[]#")
+    + ["\t", "\n", "\r", "\x00", "\x01", "\x0b", "\x1c", "\x7f", "\x85", "\xa0", "\u2028", "\u3000", "\u200b", "\ufeff"]
+    + ["é", "É", "ß", "ẞ", "Å", "\u0301", "\u0327", "中", "日", "Σ", "ς", "İ", "ﬁ", "ǅ", "한", "\u093f", "ि", "à", "\u302e", "\U0001d165"]
+    + ["’", "“", "—", "…", "€", "½", "🙂", "\ufffd", "\ud800", "\U000e0001", "\u0378"]
+    + ["[SEP]", "[CLS]", "[MASK]", "##", "SEP", "[UNK"]
+)
+
+
+def _encoded_lengths(bert, texts):
+    return [len(bert._tokenizer.encode(t.encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
+                                      add_special_tokens=False)) for t in texts]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_ALPHABET), max_size=40).map("".join), min_size=1, max_size=8))
+def test_wordpiece_counter_matches_the_tokenizer(bert, texts):
+    assert bert._counter is not None  # the default model has a BERT pipeline
+    assert bert.lengths(texts).tolist() == _encoded_lengths(bert, texts)
+
+
+def test_wordpiece_counter_on_sample_chunks(bert, docs):
+    """Every 300-character piece of the sample corpus (~ a 64-token chunk), and long words past WordPiece's 100."""
+    pieces = [d[i : i + 300] for d in docs[:400] for i in range(0, len(d), 300)]
+    pieces += ["x" * 99, "x" * 100, "x" * 101, "Supercalifragilistic" * 6]
+    assert bert.lengths(pieces).tolist() == _encoded_lengths(bert, pieces)
+
+
+def test_wordpiece_counter_caches_stay_bounded(bert, docs, monkeypatch):
+    from retro_dask import wordpiece_count
+
+    monkeypatch.setattr(wordpiece_count, "MAX_WORDS", 50)
+    monkeypatch.setattr(wordpiece_count, "MAX_CHARS", 40)
+    counter = wordpiece_count.WordPieceCounter.for_tokenizer(bert._tokenizer, bert._encoded_lengths)
+    texts = docs[:50] + ["中文 한국어 Ελληνικά русский"]
+    for start in range(0, len(texts), 5):
+        batch = texts[start : start + 5]
+        assert counter.lengths(batch).tolist() == _encoded_lengths(bert, batch)
+        assert len(counter._counts) <= 50 and len(counter._table) <= 40
+
+
+def test_wordpiece_counter_only_for_bert_pipelines(bert, tmp_path):
+    """Another normalizer (here a Sequence around the same steps) gets no counter, and lengths stay exact."""
+    config = json.loads(bert._tokenizer.to_str())
+    config["normalizer"] = {"type": "Sequence", "normalizers": [config["normalizer"]]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(default_bert_dir()) / name).exists():
+            shutil.copy(Path(default_bert_dir()) / name, tmp_path / name)
+    other = BertTokenizer(BertTokenizerSpec(str(tmp_path)))
+    assert other._counter is None
+    assert other.lengths(BERT_TEXTS).tolist() == bert.lengths(BERT_TEXTS).tolist()
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -554,10 +628,11 @@ _THREAD_PROBE = textwrap.dedent(
     before = threads()
     wall, cpu = time.perf_counter(), time.process_time()
     bert.lengths(docs, num_threads=1)
+    bert.encode_for_model(docs, 512, num_threads=1)
     gpt.encode_batch(docs, num_threads=1)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     single = threads()
-    bert.lengths(docs[:100], num_threads=2)
+    bert.encode_for_model(docs[:100], 512, num_threads=2)
     pooled = threads()
     print(json.dumps(dict(before=before, single=single, pooled=pooled, wall=wall, cpu=cpu)))
     """
