@@ -224,22 +224,45 @@ def candidates_task(job: CandidateJob, block: int, start: BlockStart, count: int
     return arrays.write_block(job.workdir, "db-candidates", candidates_path(job.workdir), block, rows, stats)
 
 
-def compute_compaction(workdir: str, slices: Sequence[CompactionSlice]) -> np.ndarray:
-    """One block of chunks.zarr: the valid candidates its slices name, in order."""
+def valid_candidates(workdir: str, blocks: Sequence[int]) -> dict[int, np.ndarray]:
+    """The valid rows of candidate blocks ``blocks``, read in one call (they are consecutive in a plan)."""
+    if not blocks:
+        return {}
     cand = arrays.open_read(candidates_path(workdir))
     b = cand.chunks[0]
-    parts = []
-    for s in slices:
-        rows = cand[s.block * b : (s.block + 1) * b]
-        valid = rows[(rows[:, 3] > rows[:, 2]) & (rows[:, 4] > 0)]
-        parts.append(valid[s.start : s.stop])
+    lo, hi = min(blocks), max(blocks) + 1
+    rows = cand[lo * b : hi * b]
+    out = {}
+    for k in blocks:
+        part = rows[(k - lo) * b : (k - lo + 1) * b]
+        out[k] = part[(part[:, 3] > part[:, 2]) & (part[:, 4] > 0)]
+    return out
+
+
+def compute_compaction(workdir: str, slices: Sequence[CompactionSlice],
+                       valid: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """One block of chunks.zarr: the valid candidates its slices name, in order."""
+    if valid is None:
+        valid = valid_candidates(workdir, [s.block for s in slices])
+    parts = [valid[s.block][s.start : s.stop] for s in slices]
     return np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
 
 
 def compaction_task(workdir: str, block: int, slices: Sequence[CompactionSlice]) -> dict[str, Any]:
+    return compaction_span_task(workdir, [(block, slices)])[0]
+
+
+def compaction_span_task(workdir: str, plan: Sequence[tuple[int, Sequence[CompactionSlice]]]) -> list[dict[str, Any]]:
+    """Blocks of chunks.zarr, each written and recorded in turn; the candidate blocks they need are read once."""
     t0 = time.perf_counter()
-    data = compute_compaction(workdir, slices)
-    return arrays.write_block(workdir, "db-chunks", chunks_path(workdir), block, data, block_record(len(data), t0))
+    valid = valid_candidates(workdir, sorted({s.block for _, slices in plan for s in slices}))
+    records = []
+    for block, slices in plan:
+        data = compute_compaction(workdir, slices, valid)
+        records.append(arrays.write_block(workdir, "db-chunks", chunks_path(workdir), block, data,
+                                          block_record(len(data), t0)))
+        t0 = time.perf_counter()
+    return records
 
 
 def doc_starts_task(workdir: str, block: int, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -355,7 +378,7 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
         "db-chunks", len(compaction),
         lambda j: dask.delayed(compaction_task, pure=False)(w, j, compaction[j]),
         desc="db-build: chunks",
-        make_span_task=lambda js: dask.delayed(run_each, pure=False)(compaction_task, [(w, j, compaction[j]) for j in js]),
+        make_span_task=lambda js: dask.delayed(compaction_span_task, pure=False)(w, [(j, compaction[j]) for j in js]),
     )
 
     if not stage_done(w, "db-docs"):
