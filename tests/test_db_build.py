@@ -207,3 +207,19 @@ def test_progress_counts_blocks_not_tasks(tmp_path, small_corpus_prefix, capsys)
     assert counts and all(done <= total for done, total in counts), counts[:5]
     assert counts[0][0] < counts[-1][0] == counts[-1][1]
     assert not re.search(r"BERT lengths: \d+block", err)  # tqdm's form once the count passes the total
+
+
+def test_reopened_arrays_follow_their_zarr_json(tmp_path):
+    """A process reuses its opened arrays, but never one whose zarr.json was replaced or rewritten."""
+    from retro_dask import arrays
+
+    path = tmp_path / "a.zarr"
+    arrays.create(path, (10, 2), np.int64, 4)
+    assert arrays.open_read(path) is arrays.open_read(path)  # reused while unchanged
+    assert arrays.open_read(path).shape == (10, 2)
+    arrays.create(path, (20, 2), np.int64, 8)  # another layout: created anew
+    assert arrays.open_read(path).shape == (20, 2) and arrays.open_read(path).chunks == (8, 2)
+    arrays.create(path, (20, 2), np.int64, 8, attributes={"k": 1})  # same layout, new attributes
+    assert arrays.open_read(path).attrs["k"] == 1
+    arrays.write_block(str(tmp_path), "t", path, 1, np.ones((8, 2), np.int64))
+    assert arrays.open_read(path)[8:16].tolist() == [[1, 1]] * 8
