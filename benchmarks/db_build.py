@@ -8,12 +8,15 @@ BERT tokenizes it as it would a real corpus).
 
 For each corpus, db-build on the default embedded LocalCluster prints chunks/s
 of the BERT-length pass and of the whole stage, and the peak RSS of the driver
-and of each worker, which must stay flat while the corpus grows 10x. In the
-same run a single-process, single-thread loop does the same detokenize + BERT
-tokenize work on the sample corpus and on the smaller synthetic corpus; the
-ratio pipeline / loop is the speedup (goal: at least 1.7x on 2 cores). The
-same loop run once per core, all at the same time, gives the machine's own
-ceiling for this work (cores share caches, memory bandwidth and turbo budget).
+and of each worker, which must stay flat while the corpus grows 10x. Right
+before and right after the pipeline, a single-process, single-thread loop does
+the same detokenize + BERT-length work on the sample corpus and on the smaller
+synthetic corpus, twice: encoding every chunk with tokenizers (the
+straightforward way), and with the exact WordPiece counter the workers use
+(retro_dask/wordpiece_count.py); pipeline / loop is the speedup (goal: at
+least 1.7x on 2 cores). The counter loop run once per core, all at the same
+time, gives the machine's own ceiling for this work (cores share caches,
+memory bandwidth and turbo budget).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/db_build.py [--tokens 200e6]``
 """
@@ -54,13 +57,19 @@ def synthetic_corpus(folder: Path, base_prefix: str, n_tokens: float, seed: int 
     return str(prefix)
 
 
-def loop_baseline(prefix: str) -> dict:
-    """One process, one thread: cut chunks, detokenize, BERT-tokenize (what db-build's workers do)."""
+def loop_baseline(prefix: str, lengths: str = "counter") -> dict:
+    """One process, one thread: cut chunks, detokenize, BERT lengths (what db-build's workers do).
+
+    ``lengths="counter"``: this package's exact WordPiece counter, as in the workers;
+    ``"tokenizers"``: the tokenizers library encoding every chunk (the straightforward way,
+    and what the workers did before the counter).
+    """
     from retro_dask.indexed_dataset import IndexedDataset
     from retro_dask.plan import split_document_ranges
     from retro_dask.tokenizer import get_bert_tokenizer, get_gpt_tokenizer
 
     gpt, bert = get_gpt_tokenizer(), get_bert_tokenizer()
+    measure = bert.lengths if lengths == "counter" else bert._encoded_lengths
     ds = IndexedDataset(prefix)
     a, b = split_document_ranges(len(ds), (0.98, 0.02, 0.0))[0]
     t0 = time.perf_counter()
@@ -72,10 +81,10 @@ def loop_baseline(prefix: str) -> dict:
         for s in range(0, end, 64):
             texts.append(gpt.decode(tokens[s : min(s + 64, end)]))
         if len(texts) >= 1024:
-            valid += int((bert.lengths(texts) > 0).sum())
+            valid += int((measure(texts) > 0).sum())
             n += len(texts)
             texts = []
-    valid += int((bert.lengths(texts) > 0).sum()) if texts else 0
+    valid += int((measure(texts) > 0).sum()) if texts else 0
     n += len(texts)
     seconds = time.perf_counter() - t0
     return {"chunks": n, "valid": valid, "seconds": seconds, "chunks_per_s": n / seconds}
@@ -120,35 +129,46 @@ def main() -> None:
         small = synthetic_corpus(tmp, sample, args.tokens / 10, seed=1)
         large = synthetic_corpus(tmp, sample, args.tokens, seed=2)
         print(f"generated synthetic corpora in {time.perf_counter() - t0:.0f} s")
-        baselines = {"sample": loop_baseline(sample), "small": loop_baseline(small)}
-        ceilings = {"sample": loops_per_core(sample), "small": loops_per_core(small)}
         rows = []
         for name, prefix in (("sample", sample), ("small", small), ("large", large)):
             from retro_dask.indexed_dataset import IndexedDataset
 
             n_tokens = IndexedDataset(prefix).n_tokens
+            # The loops run right before and after the pipeline (this machine's speed drifts within minutes);
+            # their rates are the means of the two runs.
+            loops = [] if name == "large" else [
+                {"counter": loop_baseline(prefix), "tokenizers": loop_baseline(prefix, "tokenizers"),
+                 "per core": loops_per_core(prefix)}]
             stats = pipeline(tmp / f"w-{name}", prefix)
+            if loops:
+                loops.append({"counter": loop_baseline(prefix), "tokenizers": loop_baseline(prefix, "tokenizers"),
+                              "per core": loops_per_core(prefix)})
+            loop_rate = {k: np.mean([run[k]["chunks_per_s"] for run in loops]) for k in loops[0]} if loops else {}
             workers = stats["worker_peak_rss_mb"]
-            base, ceiling = baselines.get(name), ceilings.get(name)
             rate = stats["n_candidates"] / stats["seconds"]
+            ratio = lambda k: f"{rate / loop_rate[k]:.2f}" if k in loop_rate else "-"  # noqa: E731
             rows.append([name, f"{n_tokens / 1e6:.1f}M", stats["n_candidates"], f"{stats['seconds']:.1f}",
-                         f"{stats['chunks_per_s']:,.0f}", f"{rate:,.0f}", f"{base['chunks_per_s']:,.0f}" if base else "-",
-                         f"{rate / base['chunks_per_s']:.2f}" if base else "-",
-                         f"{rate / ceiling['chunks_per_s']:.2f}" if ceiling else "-",
+                         f"{stats['chunks_per_s']:,.0f}", f"{rate:,.0f}",
+                         f"{loop_rate['tokenizers']:,.0f}" if loops else "-", ratio("tokenizers"),
+                         f"{loop_rate['counter']:,.0f}" if loops else "-", ratio("counter"), ratio("per core"),
                          f"{stats['driver_peak_rss_mb']:.0f}", " / ".join(f"{v:.0f}" for v in workers.values()),
                          " / ".join(f"{v:.0f}" for v in stats["worker_rss_anon_mb"].values()),
                          " / ".join(f"{v:.0f}" for v in stats["worker_rss_file_mb"].values())])
-            print(json.dumps({"corpus": name, "stats": stats, "baseline": base, "loops_per_core": ceiling}, indent=1))
+            print(json.dumps({"corpus": name, "stats": stats, "loops": loops}, indent=1))
             shutil.rmtree(tmp / f"w-{name}", ignore_errors=True)
         notes = ("\n\n- length pass: the candidate blocks (read, detokenize, BERT-tokenize, write); pipeline: "
                  "the whole stage (plus compaction into chunks.zarr, the document index and sampled.zarr)"
-                 "\n- pipeline/loop: against one single-thread loop doing the same detokenize + BERT-tokenize work; "
-                 "pipeline/(loop per core): against that loop run once per core at the same time, each on the "
-                 "whole corpus (their summed rate is the machine's ceiling for this work)"
+                 "\n- loops: one process, one thread, cutting the chunks, detokenizing each and taking BERT lengths "
+                 "by encoding each chunk with tokenizers (the straightforward way) or with this package's exact "
+                 "WordPiece counter (what the workers run); each loop ran right before and right after the "
+                 "pipeline, and its rate is the mean of the two"
+                 "\n- pipeline/(loop per core): against the counter loop run once per core at the same time, each on "
+                 "the whole corpus (their summed rate is the machine's ceiling for this work)"
                  "\n- worker memory: peak RSS over the blocks, and at the end of a block its anonymous part (the "
                  "worker's own memory) and its file-backed part (mapped corpus and library pages)")
-        out = table(rows, ["corpus", "tokens", "chunks", "db-build s", "length pass chunks/s", "pipeline chunks/s", "loop chunks/s",
-                           "pipeline/loop", "pipeline/(loop per core)", "driver peak MB", "worker peak MB", "worker anonymous MB",
+        out = table(rows, ["corpus", "tokens", "chunks", "db-build s", "length pass chunks/s", "pipeline chunks/s",
+                           "loop (tokenizers) chunks/s", "pipeline/loop (tokenizers)", "loop (counter) chunks/s",
+                           "pipeline/loop (counter)", "pipeline/(loop per core)", "driver peak MB", "worker peak MB", "worker anonymous MB",
                            "worker file-backed MB"]) + notes
         print(f"\ndb-build on {machine()}\n")
         print(out)
