@@ -32,6 +32,7 @@ sample corpus (tests/test_tokenizer.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import unicodedata
 from typing import Callable, Sequence
@@ -41,9 +42,21 @@ import numpy as np
 # Marks a character the table cannot map exactly: any text holding it goes to the tokenizer.
 _UNSURE = "\x00"
 
-#: Memory bounds of the per-process caches (entries); each is emptied when it grows past its bound.
-MAX_WORDS = 1 << 18
+#: Memory bounds of the per-process caches (entries; ~100 bytes each): past its bound a cache
+#: keeps only the first half of it (see ``_shrink``).
+MAX_WORDS = 1 << 17
 MAX_CHARS = 1 << 16
+
+
+def _shrink(cache: dict, bound: int) -> None:
+    """Keep the ``bound // 2`` entries of ``cache`` inserted first.
+
+    Frequent words and characters are met early, so the entries inserted first
+    are the ones worth keeping; emptying the cache would make every worker
+    look them all up again.
+    """
+    for key in list(itertools.islice(reversed(cache), max(0, len(cache) - bound // 2))):
+        del cache[key]
 
 
 class _CharTable(dict):
@@ -74,7 +87,7 @@ class _CharTable(dict):
         else:
             mapped = "".join(self._split_part(c) for c in self._normalize(ch)) or None
         if len(self) >= MAX_CHARS:
-            self.clear()
+            _shrink(self, MAX_CHARS)
         self[code] = mapped
         return mapped
 
@@ -137,5 +150,5 @@ class WordPieceCounter:
         if slow:
             out[slow] = self._encode_lengths([texts[i] for i in slow])
         if len(self._counts) > MAX_WORDS:
-            self._counts.clear()
+            _shrink(self._counts, MAX_WORDS)
         return out

@@ -491,6 +491,15 @@ def test_wordpiece_counter_caches_stay_bounded(bert, docs, monkeypatch):
         assert len(counter._counts) <= 50 and len(counter._table) <= 40
 
 
+def test_wordpiece_cache_keeps_its_first_entries():
+    """Past its bound a cache keeps the entries met first (the frequent ones), half its bound of them."""
+    from retro_dask.wordpiece_count import _shrink
+
+    cache = {f"w{i}": i for i in range(130)}
+    _shrink(cache, 100)
+    assert list(cache) == [f"w{i}" for i in range(50)]
+
+
 def test_wordpiece_counter_only_for_bert_pipelines(bert, tmp_path):
     """Another normalizer (here a Sequence around the same steps) gets no counter, and lengths stay exact."""
     config = json.loads(bert._tokenizer.to_str())
