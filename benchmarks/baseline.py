@@ -13,7 +13,6 @@ Run on its own: ``python benchmarks/baseline.py PREFIX FACTORY NPROBE [fp32|bf16
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 
@@ -27,7 +26,9 @@ K_QUERY, K_SAVE = 200, 20
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from retro_dask.runner import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 class Timer:

@@ -6,7 +6,6 @@ import datetime
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,10 @@ def machine() -> str:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak RSS in MiB (VmHWM: ru_maxrss would include the process that started it)."""
+    from retro_dask.runner import peak_rss_mb as own_peak
+
+    return own_peak()
 
 
 def sample_corpus(folder: Path, n_docs: int | None = None) -> str:

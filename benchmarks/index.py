@@ -88,11 +88,12 @@ if __name__ == "__main__":
 
 def baseline_add(w: Path, tag: str, threads: int) -> dict:
     code = f"""
-import json, os, resource, sys, time
+import json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
 from retro_dask import arrays
 from retro_dask.faiss_util import faiss
+from retro_dask.runner import peak_rss_mb
 from retro_dask.index import read_index_file
 from retro_dask.workdir import embeddings_path, trained_index_path
 w, tag = {str(w)!r}, {tag!r}
@@ -106,7 +107,7 @@ for lo in range(0, emb.shape[0], B):
 t_add = time.perf_counter()
 f.write_index(index, os.path.join(w, "baseline.faissindex"))
 print("STATS" + json.dumps({{"seconds": time.perf_counter() - t0, "add_seconds": t_add - t0,
-      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+      "rss_mb": peak_rss_mb()}}))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     os.unlink(w / "baseline.faissindex")

@@ -24,8 +24,21 @@ from .workdir import Ledger, atomic_write_json, stats_dir
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's ``VmHWM``. Not ``getrusage``'s ``ru_maxrss``, which exec carries over
+    from the process image it replaces: a driver started by a 500 MB benchmark
+    process, or a worker started by its ~80 MB nanny, reported that as its own
+    peak (a child of a 400 MB parent: ru_maxrss 409 MB, VmHWM 14 MB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def rss_breakdown_mb() -> dict[str, float]:

@@ -223,3 +223,22 @@ def test_reopened_arrays_follow_their_zarr_json(tmp_path):
     assert arrays.open_read(path).attrs["k"] == 1
     arrays.write_block(str(tmp_path), "t", path, 1, np.ones((8, 2), np.int64))
     assert arrays.open_read(path)[8:16].tolist() == [[1, 1]] * 8
+
+
+def test_peak_rss_is_the_process_own(tmp_path):
+    """A process started by a large one reports its own peak, not its parent's (ru_maxrss carries it over exec)."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nimport numpy as np\nfrom retro_dask.runner import peak_rss_mb\n"
+            "if sys.argv[1] == 'parent':\n"
+            "    held = np.ones(300 * 2**20 // 8)  # 300 MiB, touched\n"
+            "    out = __import__('subprocess').run([sys.executable, '-c', sys.argv[2], 'child', ''],\n"
+            "                                       capture_output=True, text=True, check=True).stdout\n"
+            "    print(json.dumps({'parent': peak_rss_mb(), 'child': json.loads(out)['own']}))\n"
+            "else:\n"
+            "    print(json.dumps({'own': peak_rss_mb()}))\n")
+    out = subprocess.run([sys.executable, "-c", code, "parent", code], capture_output=True, text=True, check=True)
+    peaks = __import__("json").loads(out.stdout)
+    assert peaks["parent"] > 300
+    assert peaks["child"] < 150, peaks
