@@ -163,9 +163,10 @@ def trim_and_measure(job: CandidateJob, cand: np.ndarray) -> np.ndarray:
     texts: list[str] = [""] * len(cand)
     for d in np.unique(cand[:, 0]):
         sel = np.flatnonzero(cand[:, 0] == d)
-        tokens, starts, ends = read_chunk_runs(open_dataset(job.prefixes[int(d)]), cand[sel, 1:4])
+        ds = open_dataset(job.prefixes[int(d)])
+        tokens, starts, ends = read_chunk_runs(ds, cand[sel, 1:4])
         # A chunk that ends its document loses a trailing end-of-document token.
-        at_doc_end = np.flatnonzero(out[sel, 3] == open_dataset(job.prefixes[int(d)]).sizes[cand[sel, 1]])
+        at_doc_end = np.flatnonzero(out[sel, 3] == ds.sizes[cand[sel, 1]])
         trim = at_doc_end[(ends[at_doc_end] > starts[at_doc_end]) & (tokens[ends[at_doc_end] - 1] == gpt.eod)]
         ends[trim] -= 1
         out[sel[trim], 3] -= 1

@@ -813,7 +813,8 @@ class BertTokenizer:
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self._tokenizer = tokenizer
-        # Exact lengths 6x faster than encoding, for BERT pipelines (db-build's bert_length column).
+        # Exact lengths without encoding each text, for BERT pipelines (db-build's bert_length column):
+        # ~10 us a sample-corpus chunk against ~92 us.
         self._counter = WordPieceCounter.for_tokenizer(tokenizer, self._encoded_lengths)
         ids = {}
         for key in ("cls_token", "sep_token", "pad_token"):
@@ -838,7 +839,9 @@ class BertTokenizer:
         """Return the number of WordPiece tokens of each text as int64.
 
         Counts exclude [CLS]/[SEP] and are never truncated. Text that is only
-        whitespace or control characters has length 0.
+        whitespace or control characters has length 0. For a BERT pipeline the
+        :class:`~retro_dask.wordpiece_count.WordPieceCounter` gives them on the
+        calling thread whatever ``num_threads`` says.
         """
         texts = _as_text_list(texts)
         num_threads = _check_num_threads(num_threads)
