@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -94,8 +95,18 @@ def synthetic_vectors():
 def run_build(args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
     """Run scripts/build.py in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build.py"), "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, env=full_env, timeout=timeout)
+    cmd = [sys.executable, str(ROOT / "scripts" / "build.py"), "--no-progress", *map(str, args)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          start_new_session=True) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)  # the build and its workers: none may linger into other tests
+            out, err = popen.communicate()
+            # Say where it stood: the stage it was in and what it logged last.
+            raise AssertionError(f"build did not finish in {timeout} s:\n--- stdout\n{out[-6000:]}\n"
+                                 f"--- stderr\n{err[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"build failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
