@@ -191,7 +191,8 @@ def read_chunk_runs(ds: IndexedDataset, rows: np.ndarray) -> tuple[np.ndarray, n
     new_run[1:] = (docs[1:] != docs[:-1]) | (begin[1:] != end[:-1])
     firsts = np.flatnonzero(new_run)
     lasts = np.append(firsts[1:], len(rows)) - 1
-    parts = [ds.get(int(docs[f]), int(begin[f]), int(end[l] - begin[f])) for f, l in zip(firsts.tolist(), lasts.tolist())]
+    parts = [ds.get(int(docs[f]), int(begin[f]), int(end[last] - begin[f]))
+             for f, last in zip(firsts.tolist(), lasts.tolist())]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     # Offset of each chunk in ``tokens``: its run's offset plus its start within the run.
     run_offset = np.zeros(len(firsts), dtype=np.int64)

@@ -640,7 +640,8 @@ class GPTTokenizer:
         offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
         np.cumsum(lengths[tokens], out=offsets[1:])
         data = self._backend.encoding.decode_bytes(tokens.tolist())
-        return [data[a:b].decode("utf-8", errors="replace") for a, b in zip(offsets[starts].tolist(), offsets[ends].tolist())]
+        cuts = zip(offsets[starts].tolist(), offsets[ends].tolist())
+        return [data[a:b].decode("utf-8", errors="replace") for a, b in cuts]
 
 
 @functools.lru_cache(maxsize=8)

@@ -123,7 +123,8 @@ class WordPieceCounter:
         self._added_first = frozenset(t[0] for t in self._added if t)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, encode_lengths: Callable[[list[str]], Sequence[int]]) -> "WordPieceCounter | None":
+    def for_tokenizer(cls, tokenizer,
+                      encode_lengths: Callable[[list[str]], Sequence[int]]) -> "WordPieceCounter | None":
         """A counter for a ``tokenizers.Tokenizer`` whose steps are all local (see the module doc), else None."""
         config = json.loads(tokenizer.to_str())
         kinds = [(config.get(step) or {}).get("type") for step in ("normalizer", "pre_tokenizer", "model")]

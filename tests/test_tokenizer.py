@@ -297,7 +297,7 @@ def test_decode_never_raises(gpt, token_bytes, ids, form):
     form=st.sampled_from(FORMS),
 )
 def test_decode_runs_is_decode_of_each_run(gpt, token_bytes, ids, cuts, form):
-    """Runs that cut characters apart, skip tokens, overlap or are empty; ids past the vocabulary take the slow path."""
+    """Runs that cut characters apart, skip tokens or are empty; ids past the vocabulary take the slow path."""
     tokens = np.array(ids, dtype=np.int64)
     bounds = sorted(min(c, len(ids)) for c in cuts)
     starts, ends = np.array(bounds[0::2], dtype=np.int64), np.array(bounds[1::2], dtype=np.int64)
@@ -453,7 +453,8 @@ def test_bert_lengths_on_corpus(bert, hf_bert, docs):
 _ALPHABET = (
     list("aZz09 .,;'-_!?$[]#")
     + ["\t", "\n", "\r", "\x00", "\x01", "\x0b", "\x1c", "\x7f", "\x85", "\xa0", "\u2028", "\u3000", "\u200b", "\ufeff"]
-    + ["é", "É", "ß", "ẞ", "Å", "\u0301", "\u0327", "中", "日", "Σ", "ς", "İ", "ﬁ", "ǅ", "한", "\u093f", "ि", "à", "\u302e", "\U0001d165"]
+    + ["é", "É", "ß", "ẞ", "Å", "\u0301", "\u0327", "中", "日", "Σ", "ς", "İ", "ﬁ", "ǅ", "한"]
+    + ["\u093f", "ि", "à", "\u302e", "\U0001d165"]
     + ["’", "“", "—", "…", "€", "½", "🙂", "\ufffd", "\ud800", "\U000e0001", "\u0378"]
     + ["[SEP]", "[CLS]", "[MASK]", "##", "SEP", "[UNK"]
 )
