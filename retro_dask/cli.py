@@ -168,6 +168,13 @@ def build_main(argv: list[str] | None = None) -> int:
     except RetroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # distributed's NoWorkerError / NoValidWorkerError (cluster.NO_WORKERS_TIMEOUT on the embedded cluster).
+        if type(exc).__name__ not in ("NoWorkerError", "NoValidWorkerError"):
+            raise
+        print(f"error: no Dask worker could run a task ({exc}); the workers died or left and none came back. "
+              "Rerun the same command: finished blocks are kept.", file=sys.stderr)
+        return 3
 
 
 def run_build_command(args: argparse.Namespace) -> int:

@@ -30,6 +30,14 @@ WORKER_ENV = {
 }
 
 
+# The embedded cluster's scheduler fails a task that has had no worker to run on for this long.
+# Its nannies restart a killed worker within seconds; twice a test run saw both workers killed
+# within 0.4 s, their replacements die at once and no further restart: the driver then waited
+# forever on a cluster of no workers. Failing lets the command end with an error, and the same
+# command resumes from the finished blocks.
+NO_WORKERS_TIMEOUT = "120s"
+
+
 def security_from(options: RunOptions):
     """``distributed.Security`` from the TLS files, or None for plain TCP."""
     if not (options.tls_ca_file or options.tls_cert or options.tls_key):
@@ -171,7 +179,8 @@ def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object
         import dask
         from distributed import LocalCluster
 
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_environ()}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_environ(),
+                              "distributed.scheduler.no-workers-timeout": NO_WORKERS_TIMEOUT}):
             cluster = LocalCluster(
                 n_workers=options.n_workers or os.cpu_count() or 1,
                 threads_per_worker=options.threads_per_worker,

@@ -324,3 +324,27 @@ def test_a_worker_that_cannot_see_the_workdir_gets_a_clear_error(tmp_path, small
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_a_cluster_without_workers_ends_the_build_with_an_error(tmp_path, monkeypatch, capsys):
+    """The embedded scheduler fails a task that waits for a worker past NO_WORKERS_TIMEOUT, and the
+    command says what happened and how to go on, instead of waiting forever on a cluster of none."""
+    from retro_dask import cli, cluster
+    from retro_dask.config import RunOptions
+
+    monkeypatch.setattr(cluster, "NO_WORKERS_TIMEOUT", "3s")
+    options = RunOptions(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0", progress=False)
+    with cluster.open_client(options, str(tmp_path), log=lambda m: None) as client:
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.no_workers_timeout) == 3
+        client.cluster.scale(0)
+        while client.scheduler_info()["workers"]:
+            time.sleep(0.1)
+        error = client.submit(abs, -1).exception(timeout=60)
+    assert type(error).__name__ in ("NoWorkerError", "NoValidWorkerError")
+
+    def lost(args):
+        raise error
+
+    monkeypatch.setattr(cli, "run_build_command", lost)
+    assert cli.build_main(["--workdir", str(tmp_path / "w")]) == 3
+    assert "Rerun the same command" in capsys.readouterr().err
