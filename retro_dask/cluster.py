@@ -34,8 +34,9 @@ WORKER_ENV = {
 # Its nannies restart a killed worker within seconds; twice a test run saw both workers killed
 # within 0.4 s, their replacements die at once and no further restart: the driver then waited
 # forever on a cluster of no workers. Failing lets the command end with an error, and the same
-# command resumes from the finished blocks.
-NO_WORKERS_TIMEOUT = "120s"
+# command resumes from the finished blocks. Paused workers (Dask pauses one at 80% of its memory
+# limit) count as none, hence minutes rather than seconds.
+NO_WORKERS_TIMEOUT = "600s"
 
 
 def security_from(options: RunOptions):
