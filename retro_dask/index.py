@@ -46,6 +46,7 @@ from .workdir import (
     added_index_path,
     added_ivfdata_path,
     atomic_path,
+    clear_stage_done,
     embeddings_path,
     file_record,
     index_dir,
@@ -319,6 +320,21 @@ def folder_record(workdir: str, folder: Path) -> dict[str, int]:
     return files
 
 
+def discard_if_assembled(workdir: str, tag: str, folder: Path, stage: str, number: int) -> None:
+    """Remove a partial written after the final index was assembled (and its partials removed).
+
+    Dask runs a task again when the worker holding its result dies, even if that
+    result already reached the driver; such a late run would otherwise leave its
+    partial in the finished workdir (seen in test_killing_a_worker_in_every_stage).
+    add_to_index marks the stage done before it removes the partials, so a run
+    that renamed its folder into place after that removal sees the mark here.
+    """
+    done = stage_done(workdir, "index-add")
+    if done and done.get("tag") == tag:
+        shutil.rmtree(folder, ignore_errors=True)
+        Ledger(workdir, stage).forget(number)
+
+
 def encode_span_task(workdir: str, tag: str, number: int, first_block: int, n_blocks: int) -> dict[str, Any]:
     """Encode embedding blocks ``first_block .. first_block + n_blocks - 1`` against the trained
     index into partial ``number`` (one block in memory at a time, plus the span's codes)."""
@@ -354,6 +370,7 @@ def encode_span_task(workdir: str, tag: str, number: int, first_block: int, n_bl
                           bytes=partial.nbytes, blocks=[first_block, first_block + n_blocks])
     record["files"] = folder_record(workdir, folder)
     Ledger(workdir, "index-add").write(number, record)
+    discard_if_assembled(workdir, tag, folder, "index-add", number)
     return {"block": number, **record}
 
 
@@ -370,6 +387,7 @@ def merge_task(workdir: str, tag: str, level: int, number: int, inputs: Sequence
     record = block_record(len(merged.ids), t0, bytes=merged.nbytes, inputs=list(map(int, inputs)))
     record["files"] = folder_record(workdir, folder)
     Ledger(workdir, f"index-merge-L{level + 1}").write(number, record)
+    discard_if_assembled(workdir, tag, folder, f"index-merge-L{level + 1}", number)
     return {"block": number, **record}
 
 
@@ -675,6 +693,8 @@ def add_to_index(runner, config, log=print) -> dict[str, Any]:
     if done and done.get("tag") == tag and files_match(w, done.get("files", {})):
         log(f"[index-add] {final} already built: skipped")
         return runner.write_stats("index-add", None, time.perf_counter() - t0, skipped=True, ntotal=done["ntotal"])
+    # A mark whose files are gone or changed is stale; the encode tasks read it (discard_if_assembled).
+    clear_stage_done(w, "index-add")
     span = index_plan.encode_span(n_blk, B)
     spans = [(first, min(span, n_blk - first)) for first in range(0, n_blk, span)]
     forget_other_spans(w, spans)

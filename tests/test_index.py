@@ -252,3 +252,28 @@ def test_assembled_file_is_faiss_own_serialization(tmp_path, monkeypatch, used_l
             ix.pwrite_all(out.fileno(), head, 0)
             lists.write_data(out.fileno(), len(head))
     assert (tmp_path / "ours.faissindex").read_bytes() == f.serialize_index(reference).tobytes()
+
+
+def test_a_late_partial_is_discarded_once_the_index_is_assembled(tmp_path):
+    """A task that Dask runs again after the final index exists must not leave its partial behind;
+    before that, and for another index, partials stay."""
+    from retro_dask.index import Partial, discard_if_assembled, partial_folder
+    from retro_dask.workdir import Ledger, mark_stage_done
+
+    w = str(tmp_path)
+
+    def write_partial(number: int):
+        folder = partial_folder(w, "IVF4,Flat.l2", 0, number)
+        Partial.from_entries(np.array([1, 0]), np.array([7, 8]), np.zeros((2, 4), np.uint8)).save(folder)
+        Ledger(w, "index-add").write(number, {"rows": [0, 2]})
+        return folder
+
+    folder = write_partial(0)
+    discard_if_assembled(w, "IVF4,Flat.l2", folder, "index-add", 0)  # not assembled yet: kept
+    assert folder.exists() and Ledger(w, "index-add").read(0) is not None
+    mark_stage_done(w, "index-add", {"tag": "another"})
+    discard_if_assembled(w, "IVF4,Flat.l2", folder, "index-add", 0)  # another index's mark: kept
+    assert folder.exists()
+    mark_stage_done(w, "index-add", {"tag": "IVF4,Flat.l2"})
+    discard_if_assembled(w, "IVF4,Flat.l2", folder, "index-add", 0)
+    assert not folder.exists() and Ledger(w, "index-add").read(0) is None
