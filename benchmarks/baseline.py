@@ -18,17 +18,11 @@ import time
 
 import numpy as np
 
-from common import ROOT  # noqa: F401  (puts the project on sys.path)
+from common import ROOT, peak_rss_mb  # noqa: F401  (ROOT: puts the project on sys.path)
 
 CHUNK = 64
 SEQ = 2048
 K_QUERY, K_SAVE = 200, 20
-
-
-def _peak_mb() -> float:
-    from retro_dask.runner import peak_rss_mb
-
-    return peak_rss_mb()
 
 
 class Timer:
@@ -156,7 +150,7 @@ def run(prefix: str, factory: str, nprobe: int, dtype: str = "fp32", batch: int 
         n_query += len(q_tokens)
     timer.lap("query-neighbors")
     return {"stages": timer.stages, "seconds": sum(timer.stages.values()), "n_chunks": len(emb),
-            "n_query_chunks": n_query, "peak_rss_mb": _peak_mb(), "db_ids": ids}
+            "n_query_chunks": n_query, "peak_rss_mb": peak_rss_mb(), "db_ids": ids}
 
 
 if __name__ == "__main__":
