@@ -94,12 +94,15 @@ def check_workers_see_workdir(client, workdir: str) -> None:
         )
 
 
-# oneDNN keeps the primitives (JIT kernels) of up to 1,024 shapes; BERT batches
-# cut by length rarely repeat a shape, so with the default the workers' memory
-# grew with every block (in one process: 591 -> 837 MB over 8 blocks of fp32,
-# 660 -> 1,430 MB over 12 of bf16). Eight entries keep it flat (fp32 ~700 MB,
-# bf16 ~900 MB) at the same speed within the noise (RESULTS.md, profiling note 11).
-MODEL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"}
+# Two caches keep compiled matmul kernels per input shape, and BERT batches cut
+# by length rarely repeat a shape: oneDNN's primitive cache (1,024 shapes by
+# default) and PyTorch's ideep cache in front of it (LRU_CACHE_CAPACITY, also
+# 1,024). With the defaults a worker's memory grew with every block (one process:
+# 591 -> 837 MB over 8 blocks of fp32, 660 -> 1,430 MB over 12 of bf16); with
+# only oneDNN's capped, bf16 still grew 757 -> 1,080 MB over 10 blocks. Eight
+# entries each keep it flat (fp32 ~700 MB, bf16 ~880 MB from the fifth block on)
+# at the same speed within the noise (RESULTS.md, profiling notes 11 and 18).
+MODEL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8", "LRU_CACHE_CAPACITY": "8"}
 
 
 def spawn_environ() -> dict:

@@ -101,6 +101,53 @@ def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
     options = RunOptions(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0", progress=False)
     with open_client(options, str(tmp_path), log=lambda m: None) as client:
         seen = client.run(lambda: [os.environ.get(k) for k in (
-            "MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_TRIM_THRESHOLD_")])
-    # One malloc arena, a small oneDNN kernel cache (RESULTS.md notes 10, 11), Dask's own settings kept.
-    assert list(seen.values()) == [["1", "8", "65536"]]
+            "MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "MALLOC_TRIM_THRESHOLD_")])
+    # One malloc arena, small oneDNN and ideep kernel caches (RESULTS.md notes 10, 11, 18), Dask's own settings kept.
+    assert list(seen.values()) == [["1", "8", "8", "65536"]]
+
+
+KERNEL_CACHE_PROBE = r"""
+import json, os
+import numpy as np
+from retro_dask.config import EmbedConfig
+from retro_dask.embed import Embedder
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+e = Embedder(EmbedConfig(embed_dtype="bf16"), "cpu", threads=1)
+rng = np.random.default_rng(0)
+def batch(width, rows):
+    return [[101] + rng.integers(1000, 20000, width - 2).tolist() + [102] for _ in range(rows)]
+# PyTorch's attention kernels are kept per chunk width (at most --bert-max-chunk-length of them):
+# meet every width first. Then each batch is a matmul shape not seen before.
+for w in range(40, 121):
+    e.embed_ids(batch(w, 8), batch_size=8)
+warm = rss_mb()
+for rows in (3, 7):
+    for w in range(40, 121):
+        e.embed_ids(batch(w, rows), batch_size=rows)
+print(json.dumps({"warm": warm, "end": rss_mb(),
+                  "env": [os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")]}))
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_model_memory_does_not_grow_with_new_batch_shapes(tmp_path):
+    """Every length-cut batch is a new matmul shape; oneDNN and ideep cache kernels per shape
+    (1,024 each by default: bf16 workers grew by ~1 MB a shape). The Embedder caps both caches
+    in any process where they are unset (RESULTS.md notes 11, 18)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["env"] == ["8", "8"]
+    # 162 new shapes after warming up: a few MB of allocator noise, not ~1 MB a shape.
+    assert probe["end"] - probe["warm"] < 40, probe
