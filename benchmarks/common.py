@@ -82,17 +82,15 @@ def record_results(title: str, body: str, command: str) -> None:
 
 def _ceiling_worker(model_dir: str, dtype: str, ids: list[list[int]], batch: int, barrier, out) -> None:
     import torch
-    from transformers import BertModel
-    import transformers
 
+    from retro_dask.bert_encoder import load_bert_encoder
     from retro_dask.embed import tune_allocator
 
-    transformers.utils.logging.set_verbosity_error()
     tune_allocator()  # the ceiling is the model at its best: the same allocator settings as the workers
     torch.set_num_threads(1)
-    model = BertModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True, add_pooling_layer=False,
-                                      attn_implementation="sdpa")
-    model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]).eval()
+    # The forward pass the workers run (retro_dask.bert_encoder: BertModel's numbers without transformers).
+    model = load_bert_encoder(model_dir, torch.device("cpu"),
+                              {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     lengths = np.array([len(x) for x in ids])
     batches = []
     for lo in range(0, len(ids), batch):
@@ -108,7 +106,7 @@ def _ceiling_worker(model_dir: str, dtype: str, ids: list[list[int]], batch: int
     t0 = time.perf_counter()
     with torch.inference_mode():
         for x, m in batches:
-            model(input_ids=x, attention_mask=m)
+            model(x, m)
     out.put(time.perf_counter() - t0)
 
 

@@ -231,11 +231,11 @@ def matmul_ceiling(device: str, n: int, warmup: int, iters: int) -> dict:
     return out
 
 
-def flop_counts(model, lengths: np.ndarray, batch: int) -> dict:
+def flop_counts(config: dict, lengths: np.ndarray, batch: int) -> dict:
     """Model FLOPs of all chunks: from the real lengths, and from the padded batches the Embedder builds."""
-    cfg = model.config
-    p = sum(t.numel() for name, t in model.named_parameters() if not name.startswith("embeddings."))
-    h, layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+    h, layers, inter = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["intermediate_size"])
+    # Per layer: Q, K, V and the attention output (h x h + h each), the feed-forward pair, two layer norms.
+    p = layers * (4 * h * h + 4 * h + 2 * h * inter + inter + h + 4 * h)
     L = lengths.astype(np.float64)
     useful = float((2 * p * L + 4 * L**2 * h * layers).sum())
     order = np.sort(lengths)  # the Embedder's batches: length-sorted runs of `batch`
@@ -266,19 +266,19 @@ def model_only_seconds(embedder, ids, batch: int, device: str) -> float:
             m[r, : lengths[i]] = 1
         batches.append((torch.from_numpy(x).to(device), torch.from_numpy(m).to(device)))
     with torch.inference_mode():
-        embedder.model(input_ids=batches[0][0], attention_mask=batches[0][1])  # warm-up
+        embedder.model(*batches[0])  # warm-up
         sync(device)
         if device.startswith("cuda"):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for x, m in batches:
-                embedder.model(input_ids=x, attention_mask=m)
+                embedder.model(x, m)
             b.record()
             sync(device)
             return a.elapsed_time(b) / 1e3
         t0 = time.perf_counter()
         for x, m in batches:
-            embedder.model(input_ids=x, attention_mask=m)
+            embedder.model(x, m)
         return time.perf_counter() - t0
 
 
@@ -309,7 +309,7 @@ def bench_embed(model_name: str, folder: Path, dtype: str, ids, device: str, arg
     assert np.isfinite(out).all(), f"{model_name} {dtype}: non-finite embeddings"
     model_s = model_only_seconds(embedder, ids, bs, device)
     lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-    fl = flop_counts(embedder.model, lengths, bs)
+    fl = flop_counts(json.loads((folder / "config.json").read_text()), lengths, bs)
     best, med = min(times), statistics.median(times)
     ceil = ceiling.get(CEILING_OF[dtype], {}).get("tflops")
     res = {

@@ -11,7 +11,8 @@ embedding is the mean of the last hidden states over the WordPiece tokens,
 [CLS] and [SEP] excluded (Megatron's pooling).
 
 The model is loaded once per worker process (``get_embedder`` caches it by
-config) and never travels in the task graph; only the small frozen
+config; ``bert_encoder`` runs it without importing transformers) and never
+travels in the task graph; only the small frozen
 ``EmbedConfig`` does. Within a block, chunks are sorted by length so batches
 carry little padding; results go back in row order.
 """
@@ -140,11 +141,7 @@ class Embedder:
 
     def __init__(self, config: EmbedConfig, device: str | None = None, threads: int | None = None):
         torch = _torch()
-        import transformers
-        from transformers import BertModel
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        from .bert_encoder import load_bert_encoder
 
         self.config = config
         self.model_dir = bert_dir(config.bert_model)
@@ -161,16 +158,13 @@ class Embedder:
             # cluster, one worker per core), or every core in a plain process.
             torch.set_num_threads(threads or worker_threads())
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.embed_dtype]
-        model = BertModel.from_pretrained(
-            self.model_dir, local_files_only=True, use_safetensors=True, add_pooling_layer=False,
-            attn_implementation="sdpa",
-        )
-        self.model = model.to(device=self.device, dtype=dtype).eval()
-        self.dim = int(model.config.hidden_size)
+        model_config = check_bert_dir(self.model_dir)
+        self.model = load_bert_encoder(self.model_dir, self.device, dtype)
+        self.dim = int(model_config["hidden_size"])
         self.tokenizer = get_bert_tokenizer(BertTokenizerSpec(self.model_dir))
         self.batch_size = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
         element = 2 if config.embed_dtype in ("bf16", "fp16") else 4
-        self.max_tokens = max(256, ACTIVATION_BYTES // (int(model.config.intermediate_size) * element))
+        self.max_tokens = max(256, ACTIVATION_BYTES // (int(model_config["intermediate_size"]) * element))
         self.lock = threading.Lock()
 
     def embed_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None,
@@ -200,7 +194,7 @@ class Embedder:
                     mask[r, : lengths[i]] = 1
                 input_ids = torch.from_numpy(batch).to(self.device)
                 attention = torch.from_numpy(mask).to(self.device)
-                hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+                hidden = self.model(input_ids, attention)
                 # Pool over WordPiece tokens only: drop [CLS] (position 0) and [SEP] (last real token).
                 pool = attention.clone()
                 pool[:, 0] = 0

@@ -151,3 +151,103 @@ def test_model_memory_does_not_grow_with_new_batch_shapes(tmp_path):
     assert probe["env"] == ["8", "8"]
     # 162 new shapes after warming up: a few MB of allocator noise, not ~1 MB a shape.
     assert probe["end"] - probe["warm"] < 40, probe
+
+
+def save_tiny_bert(folder, hidden_act="gelu", with_heads=False):
+    """A seeded 2-layer BERT; ``with_heads`` saves BertForMaskedLM (weights named ``bert.*`` and ``cls.*``)."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64, hidden_act=hidden_act)
+    model = BertForMaskedLM(config) if with_heads else BertModel(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def padded_batch(lengths, vocab=300, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("hidden_act,with_heads", [("gelu", False), ("gelu", True), ("relu", False),
+                                                   ("gelu_new", False), ("silu", False)])
+def test_bert_encoder_matches_transformers(tmp_path, hidden_act, with_heads):
+    """The embed stage's own BERT forward pass gives BertModel's hidden states on every real token."""
+    from transformers import BertModel
+
+    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
+
+    folder = save_tiny_bert(tmp_path / "bert", hidden_act, with_heads)
+    reference = BertModel.from_pretrained(folder, add_pooling_layer=False, attn_implementation="sdpa").eval()
+    encoder = load_bert_encoder(folder, torch.device("cpu"), torch.float32)
+    assert isinstance(encoder, BertEncoder)
+    for lengths in ([5, 17, 9, 17], [12, 12, 12]):  # with padding, and without (no mask)
+        ids, mask = padded_batch(lengths)
+        with torch.inference_mode():
+            want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+            got = encoder(ids, mask)
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(got[i, :n], want[i, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_model_runs_on_the_own_encoder_exactly(sample_texts):
+    """all-MiniLM-L6-v2: the same numbers as BertModel in fp32, and close in bf16."""
+    from transformers import BertModel
+
+    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
+    from retro_dask.tokenizer import default_bert_dir, get_bert_tokenizer
+
+    ids_list = get_bert_tokenizer().encode_for_model([t[:400] for t in sample_texts[:8]], 256)
+    lengths = [len(x) for x in ids_list]
+    ids = torch.zeros(len(ids_list), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(ids_list):
+        ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+    reference = BertModel.from_pretrained(default_bert_dir(), add_pooling_layer=False, attn_implementation="sdpa").eval()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, None)):
+        encoder = load_bert_encoder(default_bert_dir(), torch.device("cpu"), dtype)
+        assert isinstance(encoder, BertEncoder)
+        with torch.inference_mode():
+            want = reference.to(dtype)(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            got = encoder(ids, mask).float()
+        for i, n in enumerate(lengths):
+            if tol:
+                torch.testing.assert_close(got[i, :n], want[i, :n], rtol=tol, atol=tol)
+            else:
+                assert torch.nn.functional.cosine_similarity(got[i, :n], want[i, :n], dim=-1).min() > 0.99
+
+
+def test_an_unsupported_checkpoint_runs_on_transformers(tmp_path):
+    """An activation the own encoder does not have: transformers' BertModel runs it, with the same results."""
+    from transformers import BertModel
+
+    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
+
+    folder = save_tiny_bert(tmp_path / "bert", hidden_act="quick_gelu")
+    encoder = load_bert_encoder(folder, torch.device("cpu"), torch.float32)
+    assert not isinstance(encoder, BertEncoder)
+    reference = BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    ids, mask = padded_batch([4, 11, 7])
+    with torch.inference_mode():
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = encoder(ids, mask)
+    for i, n in enumerate([4, 11, 7]):
+        torch.testing.assert_close(got[i, :n], want[i, :n])
+
+
+def test_the_embedder_does_not_import_transformers():
+    """Importing transformers cost each worker ~2.7 s and ~150 MB (RESULTS.md note 19)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from retro_dask.embed import embed_texts; v = embed_texts(['Paris is in France.']); "
+            "print(v.shape, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "False", out.stdout
