@@ -102,6 +102,8 @@ def check_workers_see_workdir(client, workdir: str) -> None:
 # only oneDNN's capped, bf16 still grew 757 -> 1,080 MB over 10 blocks. Eight
 # entries each keep it flat (fp32 ~700 MB, bf16 ~880 MB from the fifth block on)
 # at the same speed within the noise (RESULTS.md, profiling notes 11 and 18).
+# What bf16 still adds, PyTorch's flash-attention kernels, is one set per chunk
+# width, so bounded by --bert-max-chunk-length (note 19).
 MODEL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8", "LRU_CACHE_CAPACITY": "8"}
 
 
