@@ -202,6 +202,17 @@ def read_chunk_runs(ds: IndexedDataset, rows: np.ndarray) -> tuple[np.ndarray, n
     return tokens, starts, starts + (end - begin)
 
 
+def chunk_texts_of_rows(gpt, prefixes: Sequence[str], rows: np.ndarray) -> list[str]:
+    """GPT detokenization of database chunks (rows of chunks.zarr), read and decoded one document run at a time."""
+    texts: list[str] = [""] * len(rows)
+    for d in np.unique(rows[:, 0]):
+        sel = np.flatnonzero(rows[:, 0] == d)
+        tokens, starts, ends = read_chunk_runs(open_dataset(prefixes[int(d)]), rows[sel, 1:4])
+        for i, text in zip(sel.tolist(), gpt.decode_runs(tokens, starts, ends)):
+            texts[i] = text
+    return texts
+
+
 def compute_candidates(job: CandidateJob, start: BlockStart, count: int) -> np.ndarray:
     """One block of candidates.zarr: boundaries from sizes, then trimmed ends and BERT lengths."""
     sizes_of = [open_dataset(p).sizes for p in job.prefixes]

@@ -239,16 +239,10 @@ def chunk_texts(gpt_spec: GPTTokenizerSpec, token_arrays: Sequence[np.ndarray]) 
     return [gpt.decode(t[t != gpt.eod] if len(t) and (t == gpt.eod).any() else t) for t in token_arrays]
 
 
-def db_chunk_tokens(rows: np.ndarray, prefixes: Sequence[str]) -> list[np.ndarray]:
-    from .db import open_dataset
-
-    return [open_dataset(prefixes[int(d)]).get(int(doc), int(s), int(e - s)) for d, doc, s, e, _ in rows]
-
-
 def compute_embeddings(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec, prefixes: tuple[str, ...],
                        block: int, batch_size: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One block of embeddings.zarr (in the stored dtype) and the block's timings."""
-    from .db import release_dataset_pages
+    from .db import chunk_texts_of_rows, release_dataset_pages
 
     t0 = time.perf_counter()
     chunks = arrays.open_read(chunks_path(workdir))
@@ -256,7 +250,8 @@ def compute_embeddings(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec,
     rows = chunks[block * B : (block + 1) * B]
     embedder = get_embedder(config)
     t_load = time.perf_counter()
-    texts = chunk_texts(gpt, db_chunk_tokens(rows, prefixes))
+    # The text db-build measured the BERT length of (a trailing end-of-document token trimmed).
+    texts = chunk_texts_of_rows(get_gpt_tokenizer(gpt), prefixes, rows)
     release_dataset_pages(prefixes)
     ids = embedder.tokenizer.encode_for_model(texts, config.max_chunk_length, num_threads=1)
     t_tok = time.perf_counter()
