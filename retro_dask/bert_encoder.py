@@ -16,6 +16,7 @@ missing weights) is run by transformers' ``BertModel`` instead
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,12 +119,13 @@ class BertEncoder:
         return x
 
     @classmethod
-    def load(cls, model_dir: str, device, dtype) -> "BertEncoder | None":
-        """The encoder of this checkpoint, or None if this module does not cover it."""
+    def load(cls, model_dir: str, device, dtype) -> "BertEncoder | str":
+        """The encoder of this checkpoint, or why this module does not cover it."""
         path = Path(model_dir)
         config = json.loads((path / "config.json").read_text())
-        if unsupported(config):
-            return None
+        reason = unsupported(config)
+        if reason:
+            return reason
         weights = read_weights(path)
         needed = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
                   "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
@@ -131,8 +133,9 @@ class BertEncoder:
             p = f"encoder.layer.{i}."
             needed += [p + n + s for n in LAYER_WEIGHTS for s in (".weight", ".bias")]
             needed += [p + n + s for n in ("attention.output.LayerNorm", "output.LayerNorm") for s in (".weight", ".bias")]
-        if any(n not in weights for n in needed):
-            return None  # other weight names (an old checkpoint's gamma/beta...): transformers knows them
+        missing = [n for n in needed if n not in weights]
+        if missing:  # other weight names (an old checkpoint's gamma/beta...): transformers knows them
+            return f"no weight named {missing[0]!r}"
         return cls(config, weights, device, dtype)
 
 
@@ -155,4 +158,9 @@ def transformers_encoder(model_dir: str, device, dtype) -> Callable:
 
 def load_bert_encoder(model_dir: str, device, dtype) -> Callable:
     """The fastest encoder that runs this checkpoint exactly: ``BertEncoder``, else transformers' BertModel."""
-    return BertEncoder.load(model_dir, device, dtype) or transformers_encoder(model_dir, device, dtype)
+    encoder = BertEncoder.load(model_dir, device, dtype)
+    if isinstance(encoder, BertEncoder):
+        return encoder
+    logging.getLogger(__name__).warning(
+        "%s: %s; running it with transformers' BertModel (slower to load, more memory per worker)", model_dir, encoder)
+    return transformers_encoder(model_dir, device, dtype)

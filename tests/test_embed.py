@@ -223,15 +223,17 @@ def test_the_default_model_runs_on_the_own_encoder_exactly(sample_texts):
                 assert torch.nn.functional.cosine_similarity(got[i, :n], want[i, :n], dim=-1).min() > 0.99
 
 
-def test_an_unsupported_checkpoint_runs_on_transformers(tmp_path):
+def test_an_unsupported_checkpoint_runs_on_transformers(tmp_path, caplog):
     """An activation the own encoder does not have: transformers' BertModel runs it, with the same results."""
     from transformers import BertModel
 
     from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
 
     folder = save_tiny_bert(tmp_path / "bert", hidden_act="quick_gelu")
-    encoder = load_bert_encoder(folder, torch.device("cpu"), torch.float32)
+    with caplog.at_level("WARNING", logger="retro_dask.bert_encoder"):
+        encoder = load_bert_encoder(folder, torch.device("cpu"), torch.float32)
     assert not isinstance(encoder, BertEncoder)
+    assert "hidden_act 'quick_gelu'" in caplog.text
     reference = BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
     ids, mask = padded_batch([4, 11, 7])
     with torch.inference_mode():
