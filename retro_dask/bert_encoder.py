@@ -35,12 +35,6 @@ def activation(name: str) -> Callable:
     return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu}[name]
 
 
-LAYER_WEIGHTS = (
-    "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-    "intermediate.dense", "output.dense",
-)
-
-
 def unsupported(config: dict[str, Any]) -> str | None:
     """Why this module cannot run a checkpoint with this config.json, or None if it can."""
     if config.get("model_type") != "bert":
@@ -126,17 +120,10 @@ class BertEncoder:
         reason = unsupported(config)
         if reason:
             return reason
-        weights = read_weights(path)
-        needed = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-                  "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
-        for i in range(int(config["num_hidden_layers"])):
-            p = f"encoder.layer.{i}."
-            needed += [p + n + s for n in LAYER_WEIGHTS for s in (".weight", ".bias")]
-            needed += [p + n + s for n in ("attention.output.LayerNorm", "output.LayerNorm") for s in (".weight", ".bias")]
-        missing = [n for n in needed if n not in weights]
-        if missing:  # other weight names (an old checkpoint's gamma/beta...): transformers knows them
-            return f"no weight named {missing[0]!r}"
-        return cls(config, weights, device, dtype)
+        try:
+            return cls(config, read_weights(path), device, dtype)
+        except KeyError as missing:  # other weight names (an old checkpoint's gamma/beta...): transformers knows them
+            return f"no weight named {missing.args[0]!r}"
 
 
 def transformers_encoder(model_dir: str, device, dtype) -> Callable:

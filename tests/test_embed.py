@@ -165,14 +165,18 @@ def save_tiny_bert(folder, hidden_act="gelu", with_heads=False):
     return str(folder)
 
 
+def pad(id_lists):
+    """Token ids and attention mask of a right-padded batch."""
+    ids = torch.zeros(len(id_lists), max(map(len, id_lists)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(id_lists):
+        ids[i, : len(x)], mask[i, : len(x)] = torch.as_tensor(x), 1
+    return ids, mask
+
+
 def padded_batch(lengths, vocab=300, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
-        mask[i, :n] = 1
-    return ids, mask
+    return pad([torch.randint(1, vocab, (n,), generator=gen) for n in lengths])
 
 
 @pytest.mark.parametrize("hidden_act,with_heads", [("gelu", False), ("gelu", True), ("relu", False),
@@ -205,10 +209,7 @@ def test_the_default_model_runs_on_the_own_encoder_exactly(sample_texts):
 
     ids_list = get_bert_tokenizer().encode_for_model([t[:400] for t in sample_texts[:8]], 256)
     lengths = [len(x) for x in ids_list]
-    ids = torch.zeros(len(ids_list), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(ids_list):
-        ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+    ids, mask = pad(ids_list)
     reference = BertModel.from_pretrained(default_bert_dir(), add_pooling_layer=False, attn_implementation="sdpa").eval()
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, None)):
         encoder = load_bert_encoder(default_bert_dir(), torch.device("cpu"), dtype)
@@ -253,3 +254,21 @@ def test_the_embedder_does_not_import_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == "False", out.stdout
+
+
+def test_a_checkpoint_with_other_weight_names_runs_on_transformers(tmp_path, caplog):
+    """Old checkpoints name layer norms gamma/beta: transformers renames them, the own encoder defers to it."""
+    from safetensors.torch import load_file, save_file
+
+    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
+
+    folder = tmp_path / "bert"
+    save_tiny_bert(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in weights.items()}
+    save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="retro_dask.bert_encoder"):
+        encoder = load_bert_encoder(str(folder), torch.device("cpu"), torch.float32)
+    assert not isinstance(encoder, BertEncoder)
+    assert "no weight named 'embeddings.LayerNorm.weight'" in caplog.text
