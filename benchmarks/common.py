@@ -80,55 +80,54 @@ def record_results(title: str, body: str, command: str) -> None:
 # ---------------------------------------------------------------- the model ceiling
 
 
-def _ceiling_worker(model_dir: str, dtype: str, ids: list[list[int]], batch: int, barrier, out) -> None:
+def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out) -> None:
     import torch
 
-    from retro_dask.bert_encoder import load_bert_encoder
-    from retro_dask.embed import tune_allocator
+    from retro_dask.config import EmbedConfig
+    from retro_dask.embed import Embedder
 
-    tune_allocator()  # the ceiling is the model at its best: the same allocator settings as the workers
-    torch.set_num_threads(1)
-    # The forward pass the workers run (retro_dask.bert_encoder: BertModel's numbers without transformers).
-    model = load_bert_encoder(model_dir, torch.device("cpu"),
-                              {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    # The model the workers run, at its best: the same forward pass (retro_dask.bert_encoder), allocator
+    # settings, kernel caches and length batching as the embed stage's Embedder, one thread.
+    embedder = Embedder(EmbedConfig(embed_dtype=dtype), "cpu", threads=1)
     lengths = np.array([len(x) for x in ids])
     batches = []
-    for lo in range(0, len(ids), batch):
-        sel = range(lo, min(lo + batch, len(ids)))
-        width = int(lengths[list(sel)].max())
-        x = np.zeros((len(sel), width), np.int64)
+    for sel in embedder.batches(lengths):
+        width = int(lengths[sel].max())
+        x = np.full((len(sel), width), embedder.tokenizer.pad_id, np.int64)
         m = np.zeros((len(sel), width), np.int64)
         for r, i in enumerate(sel):
             x[r, : lengths[i]] = ids[i]
             m[r, : lengths[i]] = 1
-        batches.append((torch.from_numpy(x), torch.from_numpy(m)))
+        batches.append((torch.from_numpy(x), torch.from_numpy(m), width * len(sel)))
     barrier.wait()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for x, m in batches:
-            model(x, m)
-    out.put(time.perf_counter() - t0)
+        for x, m, _ in batches:
+            embedder.model(x, m)
+    out.put((time.perf_counter() - t0, sum(n for _, _, n in batches)))
 
 
-def model_ceiling(model_dir: str, dtype: str, ids: list[list[int]], batch: int = 128,
-                  processes: int | None = None) -> dict[str, float]:
+def model_ceiling(dtype: str, ids: list[list[int]], processes: int | None = None) -> dict[str, float]:
     """The model's own forward throughput: pre-tokenized, length-sorted chunks, one single-thread process per core.
 
     Chunks are sorted by length over the whole set and dealt to the processes
-    in turn, so each gets the same mix; the wall time is the slowest process's.
+    in turn, so each gets the same mix; each cuts its share into batches as the
+    embed stage cuts a block (``Embedder.batches``), so the ceiling sorts by
+    length over everything where the stage sorts a block at a time. The wall
+    time is the slowest process's.
     """
     processes = processes or os.cpu_count() or 1
     order = np.argsort([len(x) for x in ids], kind="stable")
     shares = [[ids[i] for i in order[p::processes]] for p in range(processes)]
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_ceiling_worker, args=(model_dir, dtype, s, batch, barrier, out)) for s in shares]
+    procs = [ctx.Process(target=_ceiling_worker, args=(dtype, s, barrier, out)) for s in shares]
     for p in procs:
         p.start()
-    seconds = [out.get() for _ in procs]
+    results = [out.get() for _ in procs]
     for p in procs:
         p.join()
+    seconds = [r[0] for r in results]
     tokens = sum(len(x) for x in ids)
-    padded = sum(max(len(x) for x in s[lo : lo + batch]) * len(s[lo : lo + batch])
-                 for s in shares for lo in range(0, len(s), batch))
+    padded = sum(r[1] for r in results)
     return {"seconds": max(seconds), "chunks_per_s": len(ids) / max(seconds), "padding_share": 1 - tokens / padded}

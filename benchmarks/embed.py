@@ -3,8 +3,9 @@
 
 For each precision, on the sample corpus's database chunks:
 
-- ceiling: the same model's forward pass on the same chunks, pre-tokenized and
-  length-sorted, one single-thread process per core (``common.model_ceiling``);
+- ceiling: the same model's forward pass on the same chunks, pre-tokenized,
+  length-sorted over the whole set and batched as the stage batches a block,
+  one single-thread process per core (``common.model_ceiling``);
 - pipeline: ``--tasks embed`` on the default embedded LocalCluster (one
   single-thread worker per core), from the stage's own timing (model loading
   in the workers, detokenization and WordPiece included; cluster start not).
@@ -72,9 +73,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="ceiling and pipeline runs, interleaved; best of each")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
-    from retro_dask.embed import CPU_BATCH
-    from retro_dask.tokenizer import default_bert_dir
-
     tmp = Path(tempfile.mkdtemp(prefix="retro-embed-bench-"))
     try:
         full = sample_corpus(tmp)
@@ -85,7 +83,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             ceilings, runs = [], []
             for rep in range(args.repeats):
-                ceilings.append(model_ceiling(default_bert_dir(), dtype, ids, batch=CPU_BATCH))
+                ceilings.append(model_ceiling(dtype, ids))
                 w = tmp / f"w-{dtype}-{rep}"
                 build(w, full, dtype, "db-build")
                 runs.append(build(w, full, dtype, "embed")["embed"])

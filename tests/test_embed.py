@@ -102,8 +102,21 @@ def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
     with open_client(options, str(tmp_path), log=lambda m: None) as client:
         seen = client.run(lambda: [os.environ.get(k) for k in (
             "MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "MALLOC_TRIM_THRESHOLD_")])
+        cadence = client.run(monitor_cadence)
+        scheduler_cadence = client.run_on_scheduler(monitor_cadence)
     # One malloc arena, small oneDNN and ideep kernel caches (RESULTS.md notes 10, 11, 18), Dask's own settings kept.
     assert list(seen.values()) == [["1", "8", "8", "65536"]]
+    # Dask's monitors wake the workers and the scheduler less often (RESULTS.md note 20).
+    assert list(cadence.values()) == [[0.5, 0.25, 1.0, 0.05, 5.0]]
+    assert scheduler_cadence[0] == 0.5 and scheduler_cadence[2] == 1.0, scheduler_cadence
+
+
+def monitor_cadence(dask_worker=None, dask_scheduler=None):
+    """The intervals, in seconds, of the periodic callbacks a running worker or scheduler uses."""
+    server = dask_worker or dask_scheduler
+    names = ("tick", "memory_monitor", "monitor", "profile", "profile-cycle")
+    return [server.periodic_callbacks[n].callback_time / 1000 if n in server.periodic_callbacks else None
+            for n in names]
 
 
 KERNEL_CACHE_PROBE = r"""
