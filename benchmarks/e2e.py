@@ -170,8 +170,9 @@ def main() -> None:
         out = table(rows, ["stage", "pipeline s", "chunks/s", "baseline s", "pipeline/baseline", "pipeline/ceiling",
                            "driver peak MB", "worker peak MB"])
         notes = [f"database chunks: {n_db:,}; query chunks: {n_q:,}; model ceiling (fp32, length-sorted over all "
-                 f"chunks, batched as the embed stage does, one single-thread process per core): {ceil_db['chunks_per_s']:.1f} chunks/s on the "
-                 f"database chunks, {ceil_q['chunks_per_s']:.1f} on the query chunks; the total's pipeline/ceiling is "
+                 "chunks, batched as the embed stage does, one single-thread process per core): "
+                 f"{ceil_db['chunks_per_s']:.1f} chunks/s on the database chunks, {ceil_q['chunks_per_s']:.1f} on "
+                 "the query chunks; the total's pipeline/ceiling is "
                  "the ceiling's time for both over the pipeline's wall time",
                  f"index: {factory}, nprobe {nprobe}"]
         q = st["query-neighbors"]
