@@ -90,21 +90,13 @@ def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out) -> None:
     # settings, kernel caches and length batching as the embed stage's Embedder, one thread.
     embedder = Embedder(EmbedConfig(embed_dtype=dtype), "cpu", threads=1)
     lengths = np.array([len(x) for x in ids])
-    batches = []
-    for sel in embedder.batches(lengths):
-        width = int(lengths[sel].max())
-        x = np.full((len(sel), width), embedder.tokenizer.pad_id, np.int64)
-        m = np.zeros((len(sel), width), np.int64)
-        for r, i in enumerate(sel):
-            x[r, : lengths[i]] = ids[i]
-            m[r, : lengths[i]] = 1
-        batches.append((torch.from_numpy(x), torch.from_numpy(m), width * len(sel)))
+    batches = [embedder.padded_batch(ids, lengths, sel) for sel in embedder.batches(lengths)]
     barrier.wait()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for x, m, _ in batches:
+        for x, m in batches:
             embedder.model(x, m)
-    out.put((time.perf_counter() - t0, sum(n for _, _, n in batches)))
+    out.put((time.perf_counter() - t0, sum(x.numel() for x, _ in batches)))
 
 
 def model_ceiling(dtype: str, ids: list[list[int]], processes: int | None = None) -> dict[str, float]:

@@ -254,17 +254,8 @@ def model_only_seconds(embedder, ids, batch: int, device: str) -> float:
     import torch
 
     lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-    order = np.argsort(lengths, kind="stable")
-    batches = []
-    for lo in range(0, len(ids), batch):
-        sel = order[lo : lo + batch]
-        w = int(lengths[sel].max())
-        x = np.full((len(sel), w), embedder.tokenizer.pad_id, np.int64)
-        m = np.zeros((len(sel), w), np.int64)
-        for r, i in enumerate(sel):
-            x[r, : lengths[i]] = ids[i]
-            m[r, : lengths[i]] = 1
-        batches.append((torch.from_numpy(x).to(device), torch.from_numpy(m).to(device)))
+    # Length-sorted runs of `batch`, padded as embed_ids pads them, already on the Embedder's device.
+    batches = [embedder.padded_batch(ids, lengths, sel) for sel in embedder.batches(lengths, batch)]
     with torch.inference_mode():
         embedder.model(*batches[0])  # warm-up
         sync(device)

@@ -187,6 +187,8 @@ def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object
             client.close()
         return
 
+    import dask
+
     if options.cluster == "cuda":
         try:
             from dask_cuda import LocalCUDACluster
@@ -194,15 +196,12 @@ def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object
             raise MissingDependencyError(
                 "--cluster cuda needs dask-cuda: pip install 'retro-dask[gpu]' (or conda install -c rapidsai dask-cuda)"
             ) from None
-        import dask
-
         with dask.config.set(MONITOR_CONFIG):
             cluster = LocalCUDACluster(
                 n_workers=options.n_workers, memory_limit=options.memory_limit or "auto",
                 dashboard_address=options.dashboard_address, host="127.0.0.1",
             )
     else:
-        import dask
         from distributed import LocalCluster
 
         with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_environ(),

@@ -180,20 +180,12 @@ class Embedder:
         if n == 0:
             return out
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        pad = self.tokenizer.pad_id
         with self.lock, torch.inference_mode():
             for sel in self.batches(lengths, batch_size):
-                width = int(lengths[sel].max())
+                input_ids, attention = self.padded_batch(ids, lengths, sel)
                 if counts is not None:
                     counts["tokens"] = counts.get("tokens", 0) + int(lengths[sel].sum())
-                    counts["padded"] = counts.get("padded", 0) + width * len(sel)
-                batch = np.full((len(sel), width), pad, dtype=np.int64)
-                mask = np.zeros((len(sel), width), dtype=np.int64)
-                for r, i in enumerate(sel):
-                    batch[r, : lengths[i]] = ids[i]
-                    mask[r, : lengths[i]] = 1
-                input_ids = torch.from_numpy(batch).to(self.device)
-                attention = torch.from_numpy(mask).to(self.device)
+                    counts["padded"] = counts.get("padded", 0) + input_ids.numel()
                 hidden = self.model(input_ids, attention)
                 # Pool over WordPiece tokens only: drop [CLS] (position 0) and [SEP] (last real token).
                 pool = attention.clone()
@@ -204,6 +196,17 @@ class Embedder:
                 count = pool.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
                 out[sel] = (summed / count).cpu().numpy()
         return out
+
+    def padded_batch(self, ids: Sequence[Sequence[int]], lengths: np.ndarray, sel: np.ndarray):
+        """The model's inputs for the items ``sel`` of ``ids``: right-padded token ids and attention mask, on the device."""
+        torch = _torch()
+        width = int(lengths[sel].max())
+        batch = np.full((len(sel), width), self.tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros((len(sel), width), dtype=np.int64)
+        for r, i in enumerate(sel):
+            batch[r, : lengths[i]] = ids[i]
+            mask[r, : lengths[i]] = 1
+        return torch.from_numpy(batch).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def batches(self, lengths: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
         """Index arrays of the batches, by length. A given batch size means fixed, length-sorted batches."""
