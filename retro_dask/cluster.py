@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from distributed import WorkerPlugin
+
 from .config import RunOptions
 from .errors import MissingDependencyError, RetroError, WorkdirError
 
@@ -143,8 +145,45 @@ def spawn_environ() -> dict:
     return env
 
 
-def _set_worker_env() -> None:
+# glibc mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_allocator() -> bool:
+    """Keep a task's large temporary buffers in the heap instead of fresh mmaps on every call.
+
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also
+    freezes glibc's mmap threshold at 128 KiB: every larger buffer (BERT's
+    activations, Faiss's distance tiles and normalized copies in index-add and
+    the search) is then a new mmap whose pages fault in again on every call. A
+    quarter of an embed worker's CPU time went to the kernel (RESULTS.md,
+    profiling notes 6 and 21). Raising both thresholds lets the heap reuse those
+    pages. Set at run time (``ProcessSetup``), so it holds on any cluster.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 256 << 20))
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+
+
+def prepare_process() -> None:
+    """What every process that runs block tasks needs: ``WORKER_ENV`` and the allocator thresholds."""
     os.environ.update(WORKER_ENV)
+    tune_allocator()
+
+
+class ProcessSetup(WorkerPlugin):
+    """Runs ``prepare_process`` on every worker of the cluster, including workers that join or
+    are restarted later (the scheduler hands registered plugins to new workers)."""
+
+    name = "retro-dask-process-setup"
+
+    def setup(self, worker) -> None:
+        prepare_process()
 
 
 @contextlib.contextmanager
@@ -178,7 +217,7 @@ def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object
                     f"no Dask worker joined the scheduler at {options.scheduler} within 60 s: start some with "
                     f"`dask worker {options.scheduler}`"
                 ) from None
-            client.run(_set_worker_env)
+            client.register_plugin(ProcessSetup())
             check_workers_see_workdir(client, workdir)
             log(f"Dask scheduler {options.scheduler}: {len(client.scheduler_info(n_workers=-1)['workers'])} workers; "
                 f"dashboard {client.dashboard_link}")
@@ -218,6 +257,7 @@ def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object
     try:
         client = Client(cluster)
         try:
+            client.register_plugin(ProcessSetup())
             log(f"Dask dashboard: {client.dashboard_link}  ({len(cluster.workers)} workers x "
                 f"{options.threads_per_worker if options.cluster != 'cuda' else 1} thread)")
             yield client

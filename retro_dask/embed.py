@@ -87,10 +87,6 @@ def _torch():
     return torch
 
 
-# glibc mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
 def default_device() -> str:
     """Where this process runs BERT: ``RETRO_DASK_DEVICE`` if set, else
 
@@ -117,25 +113,6 @@ def default_device() -> str:
     return "cuda" if "dask_cuda" in sys.modules else "cpu"
 
 
-def tune_allocator() -> bool:
-    """Keep BERT's activations in the heap instead of fresh mmaps on every batch.
-
-    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also
-    freezes glibc's mmap threshold at 128 KiB: every activation tensor is then
-    a new mmap whose pages fault in again on each batch (a quarter of a
-    worker's CPU time went to the kernel). Raising both thresholds lets the
-    heap reuse those pages. Set at run time so it holds on any cluster.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 256 << 20))
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return False
-
-
 class Embedder:
     """A frozen BERT on one device, turning WordPiece id lists into pooled embeddings."""
 
@@ -149,8 +126,9 @@ class Embedder:
             device = default_device()
         self.device = torch.device(device)
         if self.device.type == "cpu":
+            from .cluster import MODEL_ENV, tune_allocator
+
             tune_allocator()
-            from .cluster import MODEL_ENV
 
             for key, value in MODEL_ENV.items():  # read when oneDNN makes its first primitive
                 os.environ.setdefault(key, value)
