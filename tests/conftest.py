@@ -140,3 +140,14 @@ def built_workdir(tmp_path_factory, small_corpus_prefix, tiny_bert) -> Path:
                                 "--dashboard-address", "127.0.0.1:0"))
     assert "Dask dashboard: http://127.0.0.1:" in proc.stdout
     return w
+
+
+def page_faults_of_large_buffers(n: int = 50, nbytes: int = 1 << 20) -> int:
+    """Minor page faults of allocating, filling and freeing ``n`` buffers of ``nbytes`` in turn."""
+    import resource
+
+    np.ones(nbytes // 8)  # the first one may grow the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        np.ones(nbytes // 8)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import zarr
 
-from conftest import ROOT, build_args, run_build, tree_bytes
+from conftest import ROOT, build_args, page_faults_of_large_buffers, run_build, tree_bytes
 
 
 def free_port() -> int:
@@ -128,6 +128,35 @@ def test_same_bytes_on_a_dask_scheduler_with_two_workers(built_workdir, tmp_path
         w = tmp_path / "w"
         run_build(build_args(w, small_corpus_prefix, tiny_bert, "--scheduler", address))
         assert tree_bytes(w) == tree_bytes(built_workdir)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_workers_of_a_dask_scheduler_get_the_allocator_settings(tmp_path):
+    """The build's worker plugin tunes glibc in workers it did not start (RESULTS.md note 21):
+    `dask worker` starts them with Dask's MALLOC_TRIM_THRESHOLD_, and 50 buffers of 1 MiB
+    then fault ~12,800 pages in."""
+    from retro_dask.cluster import open_client
+    from retro_dask.config import RunOptions
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    # The worker can import conftest, for the probe.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env),
+             subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                               "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        options = RunOptions(scheduler=address, progress=False)
+        with open_client(options, str(tmp_path), log=lambda m: None) as client:
+            faults = client.run(page_faults_of_large_buffers)
+        assert len(faults) == 1 and max(faults.values()) < 2_000, faults
     finally:
         for p in procs:
             p.terminate()

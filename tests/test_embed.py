@@ -92,7 +92,8 @@ def test_embed_texts_for_notebooks():
 
 
 def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
-    """The model runs on a Dask task thread; glibc's per-thread arenas slowed it (RESULTS.md note 6)."""
+    """The model runs on a Dask task thread; glibc's per-thread arenas slowed it (RESULTS.md note 6).
+    Large buffers must not fault in fresh pages on every allocation (note 21)."""
     import os
 
     from retro_dask.cluster import open_client
@@ -104,6 +105,8 @@ def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
             "MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "MALLOC_TRIM_THRESHOLD_")])
         cadence = client.run(monitor_cadence)
         scheduler_cadence = client.run_on_scheduler(monitor_cadence)
+        from conftest import page_faults_of_large_buffers
+
         faults = client.run(page_faults_of_large_buffers)
     # One malloc arena, small oneDNN and ideep kernel caches (RESULTS.md notes 10, 11, 18), Dask's own settings kept.
     assert list(seen.values()) == [["1", "8", "8", "65536"]]
@@ -114,17 +117,6 @@ def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
     # (RESULTS.md note 21): with Dask's MALLOC_TRIM_THRESHOLD_ alone, 50 buffers of 256 pages
     # fault ~12,800 pages in.
     assert max(faults.values()) < 2_000, faults
-
-
-def page_faults_of_large_buffers(n: int = 50, nbytes: int = 1 << 20) -> int:
-    """Minor page faults of allocating, filling and freeing ``n`` buffers of ``nbytes`` in turn."""
-    import resource
-
-    np.ones(nbytes // 8)  # the first one may grow the heap
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(n):
-        np.ones(nbytes // 8)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def monitor_cadence(dask_worker=None, dask_scheduler=None):
