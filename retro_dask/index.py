@@ -258,7 +258,7 @@ class IndexLayout:
 
 
 def split_codes(layout: IndexLayout, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sa codes -> (list number per entry, codes without the list number)."""
+    """sa codes -> (list number per entry, codes without the list number: a view into ``codes``)."""
     n = len(codes)
     if layout.coarse_size == 0:
         return np.zeros(n, np.int64), codes
@@ -266,7 +266,7 @@ def split_codes(layout: IndexLayout, codes: np.ndarray) -> tuple[np.ndarray, np.
     lists = np.zeros(n, np.int64)
     for byte in range(layout.coarse_size):  # little-endian, as Faiss's encode_listno writes it
         lists |= head[:, byte] << (8 * byte)
-    return lists, np.ascontiguousarray(codes[:, layout.coarse_size :])
+    return lists, codes[:, layout.coarse_size :]
 
 
 @dataclass
@@ -337,7 +337,8 @@ def discard_if_assembled(workdir: str, tag: str, folder: Path, stage: str, numbe
 
 def encode_span_task(workdir: str, tag: str, number: int, first_block: int, n_blocks: int) -> dict[str, Any]:
     """Encode embedding blocks ``first_block .. first_block + n_blocks - 1`` against the trained
-    index into partial ``number`` (one block in memory at a time, plus the span's codes)."""
+    index into partial ``number`` (one block of vectors in memory at a time, plus the span's codes,
+    written in place)."""
     from . import faults
 
     f = faiss()
@@ -348,21 +349,21 @@ def encode_span_task(workdir: str, tag: str, number: int, first_block: int, n_bl
     B = emb.chunks[0]
     f.omp_set_num_threads(block_task_threads())
     read_s = encode_s = 0.0
-    lists, codes = [], []
     lo = first_block * B
-    for block in range(first_block, first_block + n_blocks):
+    hi = min((first_block + n_blocks) * B, emb.shape[0])
+    list_no = np.empty(hi - lo, np.int64)
+    codes = np.empty((hi - lo, layout.code_size), np.uint8)
+    for start in range(lo, hi, B):
         t = time.perf_counter()
-        x = np.ascontiguousarray(emb[block * B : (block + 1) * B], dtype=np.float32)
+        x = np.ascontiguousarray(emb[start : min(start + B, hi)], dtype=np.float32)
         t_read = time.perf_counter()
-        block_lists, block_codes = split_codes(layout, index.sa_encode(x))
-        lists.append(block_lists)
-        codes.append(block_codes)
+        rows = slice(start - lo, start - lo + len(x))
+        list_no[rows], codes[rows] = split_codes(layout, index.sa_encode(x))
         read_s += t_read - t
         encode_s += time.perf_counter() - t_read
         del x
-    list_no = np.concatenate(lists)
-    partial = Partial.from_entries(list_no, np.arange(lo, lo + len(list_no), dtype=np.int64), np.concatenate(codes))
-    del lists, codes, list_no
+    partial = Partial.from_entries(list_no, np.arange(lo, hi, dtype=np.int64), codes)
+    del list_no, codes
     faults.before_block(workdir, "index-add", number)
     folder = partial_folder(workdir, tag, 0, number)
     partial.save(folder)
