@@ -96,6 +96,7 @@ def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
     Large buffers must not fault in fresh pages on every allocation (note 21)."""
     import os
 
+    from conftest import page_faults_of_large_buffers
     from retro_dask.cluster import open_client
     from retro_dask.config import RunOptions
 
@@ -105,8 +106,6 @@ def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
             "MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "MALLOC_TRIM_THRESHOLD_")])
         cadence = client.run(monitor_cadence)
         scheduler_cadence = client.run_on_scheduler(monitor_cadence)
-        from conftest import page_faults_of_large_buffers
-
         faults = client.run(page_faults_of_large_buffers)
     # One malloc arena, small oneDNN and ideep kernel caches (RESULTS.md notes 10, 11, 18), Dask's own settings kept.
     assert list(seen.values()) == [["1", "8", "8", "65536"]]
