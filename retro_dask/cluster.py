@@ -18,8 +18,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from distributed import WorkerPlugin
-
 from .config import RunOptions
 from .errors import MissingDependencyError, RetroError, WorkdirError
 
@@ -158,7 +156,7 @@ def tune_allocator() -> bool:
     the search) is then a new mmap whose pages fault in again on every call. A
     quarter of an embed worker's CPU time went to the kernel (RESULTS.md,
     profiling notes 6 and 21). Raising both thresholds lets the heap reuse those
-    pages. Set at run time (``ProcessSetup``), so it holds on any cluster.
+    pages. Set at run time (``worker_plugin.ProcessSetup``), so it holds on any cluster.
     """
     import ctypes
     import ctypes.util
@@ -176,16 +174,6 @@ def prepare_process() -> None:
     tune_allocator()
 
 
-class ProcessSetup(WorkerPlugin):
-    """Runs ``prepare_process`` on every worker of the cluster, including workers that join or
-    are restarted later (the scheduler hands registered plugins to new workers)."""
-
-    name = "retro-dask-process-setup"
-
-    def setup(self, worker) -> None:
-        prepare_process()
-
-
 @contextlib.contextmanager
 def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object]:
     """Yield a ``distributed.Client`` for the build (or None for synchronous runs)."""
@@ -194,6 +182,8 @@ def open_client(options: RunOptions, workdir: str, log=print) -> Iterator[object
         yield None
         return
     from distributed import Client
+
+    from .worker_plugin import ProcessSetup
 
     if options.scheduler:
         security = security_from(options)

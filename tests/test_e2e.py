@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -113,26 +114,32 @@ def test_retro_dataset_in_a_multiworker_dataloader(built_workdir):
             assert (batch["document_ids"][r, n:] == -1).all()
 
 
-def test_same_bytes_on_a_dask_scheduler_with_two_workers(built_workdir, tmp_path, small_corpus_prefix, tiny_bert):
+@contextlib.contextmanager
+def dask_scheduler_with_workers(n_workers: int, env: dict):
+    """A `dask scheduler` and ``n_workers`` single-thread `dask worker` processes on 127.0.0.1; yields the address."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                                "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
     try:
-        for _ in range(2):
+        for _ in range(n_workers):
             procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
                                            "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
-        w = tmp_path / "w"
-        run_build(build_args(w, small_corpus_prefix, tiny_bert, "--scheduler", address))
-        assert tree_bytes(w) == tree_bytes(built_workdir)
+        yield address
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_same_bytes_on_a_dask_scheduler_with_two_workers(built_workdir, tmp_path, small_corpus_prefix, tiny_bert):
+    with dask_scheduler_with_workers(2, {**os.environ, "TOKENIZERS_PARALLELISM": "false"}) as address:
+        w = tmp_path / "w"
+        run_build(build_args(w, small_corpus_prefix, tiny_bert, "--scheduler", address))
+        assert tree_bytes(w) == tree_bytes(built_workdir)
 
 
 def test_workers_of_a_dask_scheduler_get_the_allocator_settings(tmp_path):
@@ -142,26 +149,13 @@ def test_workers_of_a_dask_scheduler_get_the_allocator_settings(tmp_path):
     from retro_dask.cluster import open_client
     from retro_dask.config import RunOptions
 
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
     # The worker can import conftest, for the probe.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env),
-             subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
-                               "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-    try:
+    with dask_scheduler_with_workers(1, env) as address:
         options = RunOptions(scheduler=address, progress=False)
         with open_client(options, str(tmp_path), log=lambda m: None) as client:
             faults = client.run(page_faults_of_large_buffers)
         assert len(faults) == 1 and max(faults.values()) < 2_000, faults
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
 
 
 def test_dashboard_answers_during_a_run(tmp_path, small_corpus_prefix, tiny_bert):
