@@ -226,9 +226,7 @@ def compute_embeddings(workdir: str, config: EmbedConfig, gpt: GPTTokenizerSpec,
     from .db import chunk_texts_of_rows, release_dataset_pages
 
     t0 = time.perf_counter()
-    chunks = arrays.open_read(chunks_path(workdir))
-    B = chunks.chunks[0]
-    rows = chunks[block * B : (block + 1) * B]
+    rows = arrays.read_block(chunks_path(workdir), block)
     embedder = get_embedder(config)
     t_load = time.perf_counter()
     # The text db-build measured the BERT length of (a trailing end-of-document token trimmed).

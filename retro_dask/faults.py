@@ -9,8 +9,8 @@ commas) before starting a build. Modes:
   go through), as ``kill -9`` of one worker would.
 - ``kill-driver``: the driver kills itself with SIGKILL right after that block
   is recorded as done, as ``kill -9`` of the build command would.
-- ``disk-full``: the block's data write fails half-way with ENOSPC inside
-  Zarr's own atomic write path, as a full disk would.
+- ``disk-full``: the block's data write fails half-way with ENOSPC, into the
+  temporary file the write renames into place, as a full disk would.
 
 Environment variables reach LocalCluster workers because they are started
 after the variable is set; for a ``--scheduler`` cluster, set it on the workers.
@@ -18,12 +18,10 @@ after the variable is set; for a ``--scheduler`` cluster, set it on the workers.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
 from pathlib import Path
-from typing import Iterator
 
 ENV = "RETRO_DASK_CRASH_AT"
 MODES = ("raise", "kill-worker", "kill-driver", "disk-full")
@@ -74,34 +72,9 @@ def after_block(workdir: str, stage: str, block: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def disk(workdir: str, stage: str, block: int) -> Iterator[None]:
-    """Wrap a block's data write; under ``disk-full`` the write fails half-way."""
-    if "disk-full" not in _armed(stage, block) or not _first_time(workdir, stage, block, "disk-full"):
-        yield
-        return
-    import zarr.storage._local as local
-
-    original = local._put
-
-    def failing_put(path, value, exclusive=False):
-        # The same temporary-then-rename path zarr uses, failing after half the bytes.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with local._atomic_write(path, "wb", exclusive) as f:
-            data = value.as_numpy_array().tobytes()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device (simulated by RETRO_DASK_CRASH_AT)")
-
-    local._put = failing_put
-    try:
-        yield
-    finally:
-        local._put = original
-
-
 def atomic_file_write_hook(workdir: str, stage: str, block: int, path: Path, data: bytes) -> None:
-    """For non-Zarr block files: fail half-way under ``disk-full``."""
+    """Called before a block's data file is written to its temporary ``path``: under ``disk-full``,
+    write half of ``data`` there and fail as a full disk would."""
     if "disk-full" in _armed(stage, block) and _first_time(workdir, stage, block, "disk-full"):
         with open(path, "wb") as f:
             f.write(data[: len(data) // 2])

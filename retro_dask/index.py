@@ -150,7 +150,7 @@ def gather_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
     blocks = rows // B
     for b in np.unique(blocks):
         sel = np.flatnonzero(blocks == b)
-        data = arr[b * B : (b + 1) * B]
+        data = arrays.read_rows(path, b * B, (b + 1) * B)
         out[sel] = data[rows[sel] - b * B]
     return out
 
@@ -345,7 +345,8 @@ def encode_span_task(workdir: str, tag: str, number: int, first_block: int, n_bl
     t0 = time.perf_counter()
     index = load_index(trained_index_path(workdir, tag))
     layout = IndexLayout.of(index)
-    emb = arrays.open_read(embeddings_path(workdir))
+    path = embeddings_path(workdir)
+    emb = arrays.open_read(path)
     B = emb.chunks[0]
     f.omp_set_num_threads(block_task_threads())
     read_s = encode_s = 0.0
@@ -355,7 +356,7 @@ def encode_span_task(workdir: str, tag: str, number: int, first_block: int, n_bl
     codes = np.empty((hi - lo, layout.code_size), np.uint8)
     for start in range(lo, hi, B):
         t = time.perf_counter()
-        x = np.ascontiguousarray(emb[start : min(start + B, hi)], dtype=np.float32)
+        x = np.ascontiguousarray(arrays.read_rows(path, start, min(start + B, hi)), dtype=np.float32)
         t_read = time.perf_counter()
         rows = slice(start - lo, start - lo + len(x))
         list_no[rows], codes[rows] = split_codes(layout, index.sa_encode(x))

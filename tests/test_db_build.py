@@ -225,6 +225,31 @@ def test_reopened_arrays_follow_their_zarr_json(tmp_path):
     assert arrays.open_read(path)[8:16].tolist() == [[1, 1]] * 8
 
 
+def test_block_files_are_the_bytes_zarr_writes(tmp_path):
+    """write_block encodes chunk files itself: the same bytes as Zarr's own write, the edge chunk
+    included; read_rows decodes them (and unwritten chunks as the fill value) as Zarr reads them."""
+    from retro_dask import arrays
+
+    rng = np.random.default_rng(0)
+    for dtype, compressed in ((np.int64, True), (np.float32, False), (np.float16, False)):
+        ours, theirs = tmp_path / f"ours-{dtype.__name__}.zarr", tmp_path / f"zarr-{dtype.__name__}.zarr"
+        n, rows = 10, 4
+        data = (rng.standard_normal((n, 3)) * 1000).astype(dtype)
+        arrays.create(ours, (n, 3), dtype, rows, compressed=compressed, fill_value=7)
+        reference = arrays.create(theirs, (n, 3), dtype, rows, compressed=compressed, fill_value=7)
+        assert arrays.chunk_format(arrays.open_write(ours)) is not None
+        for block in (0, 2):  # block 2 is the edge chunk (2 of 4 rows); block 1 stays unwritten
+            lo, hi = block * rows, min(n, block * rows + rows)
+            arrays.write_block(str(tmp_path), "t", ours, block, data[lo:hi])
+            reference[lo:hi] = data[lo:hi]
+            assert (ours / "c" / str(block) / "0").read_bytes() == (theirs / "c" / str(block) / "0").read_bytes()
+        expected = zarr.open_array(str(theirs))[:]
+        assert np.array_equal(zarr.open_array(str(ours))[:], expected)
+        for lo, hi in ((0, n), (3, 9), (4, 8), (9, 10)):
+            got = arrays.read_rows(ours, lo, hi)
+            assert got.dtype == np.dtype(dtype) and np.array_equal(got, expected[lo:hi])
+
+
 def test_peak_rss_is_the_process_own(tmp_path):
     """A process started by a large one reports its own peak, not its parent's (ru_maxrss carries it over exec)."""
     import subprocess
