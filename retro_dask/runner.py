@@ -139,8 +139,9 @@ class BlockStage:
     """A block stage to run: its name (the ledger), block count, and task maker.
 
     ``make_span_task(blocks)``, if given, makes one task that computes several
-    blocks in turn and returns their records as a list: for stages whose blocks
-    take milliseconds, where Dask's cost per task would dominate.
+    blocks in turn (at most ``max_span``) and returns their records as a list:
+    for stages whose blocks take milliseconds, where Dask's cost per task would
+    dominate.
     """
 
     stage: str
@@ -148,6 +149,7 @@ class BlockStage:
     make_task: Callable[[int], Any]
     desc: str | None = None
     make_span_task: Callable[[list[int]], Any] | None = None
+    max_span: int = 0  # 0: MAX_SPAN
 
 
 def run_each(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple]) -> list[dict[str, Any]]:
@@ -155,8 +157,9 @@ def run_each(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple]) -> list[
     return [fn(*args) for args in calls]
 
 
-# A task of a spanned stage computes at most this many blocks; spans shrink
-# toward the end of the stage so that no worker waits long for the last one.
+# A task of a spanned stage computes at most this many blocks (unless the stage
+# says otherwise); spans shrink toward the end of the stage so that no worker
+# waits long for the last one.
 MAX_SPAN = 16
 SPANS_PER_THREAD = 4
 
@@ -224,9 +227,10 @@ class Runner:
         from collections import deque
 
         window: deque = deque()
+        in_flight = self.max_in_flight()  # asks the scheduler: once, not per task
         for t in tasks:
             window.append(self.client.compute(t))
-            if len(window) >= self.max_in_flight():
+            if len(window) >= in_flight:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
@@ -241,6 +245,7 @@ class Runner:
         unit: str = "rows",
         rows_key: str = "n_rows",
         make_span_task: Callable[[list[int]], Any] | None = None,
+        max_span: int = 0,
     ) -> StageResult:
         """Compute every block of ``stage`` that its ledger does not record as done.
 
@@ -248,10 +253,11 @@ class Runner:
         block's ledger record (written by the task itself after its data);
         ``make_span_task(blocks)``, if given, one whose result is the list of
         their records, used on a cluster to run several blocks per task
-        (``guided_spans``). Every block still has its own record, so a resumed
-        run skips exactly the blocks that were finished.
+        (``guided_spans``, at most ``max_span`` blocks a task; 0: ``MAX_SPAN``).
+        Every block still has its own record, so a resumed run skips exactly the
+        blocks that were finished.
         """
-        spec = BlockStage(stage, n_blocks, make_task, desc, make_span_task)
+        spec = BlockStage(stage, n_blocks, make_task, desc, make_span_task, max_span)
         return self.run_stages([spec], desc=desc or stage, unit=unit, rows_key=rows_key)[stage]
 
     def run_stages(self, specs: list["BlockStage"], desc: str, unit: str = "rows",
@@ -271,7 +277,7 @@ class Runner:
                 self.log(f"[{spec.desc or spec.stage}] {skipped[spec.stage]} of {spec.n_blocks} blocks already "
                          "done: skipped")
             if spec.make_span_task is not None and self.client is not None:
-                todo += [(spec.stage, span) for span in guided_spans(missing, self.n_threads)]
+                todo += [(spec.stage, span) for span in guided_spans(missing, self.n_threads, spec.max_span or MAX_SPAN)]
             else:
                 todo += [(spec.stage, [b]) for b in missing]
         by_stage = {spec.stage: spec for spec in specs}

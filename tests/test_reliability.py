@@ -35,8 +35,9 @@ def records(workdir: Path, stage: str) -> dict[str, tuple[bytes, int]]:
 
 def test_killing_a_worker_in_every_stage(tmp_path, built_workdir, small_corpus_prefix, tiny_bert):
     """kill -9 of one worker in the middle of each stage: the run finishes, with identical outputs."""
-    crash = ",".join(f"{stage}:1:kill-worker" for stage in ("db-candidates", "db-chunks", "embed", "index-add",
-                                                            "query-train")) + ",index-train:0:kill-worker"
+    # db-build's length pass (db-candidates) has one block here: 4 x --block-size candidates.
+    crash = ",".join(f"{stage}:1:kill-worker" for stage in ("db-chunks", "embed", "index-add", "query-train")) + (
+        ",db-candidates:0:kill-worker,index-train:0:kill-worker")
     w = tmp_path / "w"
     run_build(build_args(w, small_corpus_prefix, tiny_bert, *WORKERS), env={"RETRO_DASK_CRASH_AT": crash})
     marks = {p.name for p in (w / ".retro" / "faults").iterdir()}
@@ -47,7 +48,8 @@ def test_killing_a_worker_in_every_stage(tmp_path, built_workdir, small_corpus_p
 def test_killing_the_driver_in_every_stage_then_resuming(tmp_path, built_workdir, small_corpus_prefix, tiny_bert):
     """kill -9 of the driver mid-stage, then the same command: it resumes and ends with identical bytes."""
     stages = ["db-candidates", "db-chunks", "embed", "index-add", "query-train"]
-    crash = ",".join(f"{s}:1:kill-driver" for s in stages)
+    # db-build's length pass (db-candidates) has one block here: 4 x --block-size candidates.
+    crash = ",".join(f"{s}:{0 if s == 'db-candidates' else 1}:kill-driver" for s in stages)
     w = tmp_path / "w"
     cmd = [sys.executable, str(ROOT / "scripts" / "build.py"), "--no-progress",
            *map(str, build_args(w, small_corpus_prefix, tiny_bert, *WORKERS))]
