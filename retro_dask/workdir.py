@@ -142,16 +142,20 @@ def write_error(path: Path, exc: OSError) -> WorkdirError:
     return WorkdirError(f"could not write {path}: {exc.strerror or exc} (errno {exc.errno}); nothing of it was kept; {hint}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    ``fsync`` also makes it durable before the rename (a machine crash keeps it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -159,8 +163,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise write_error(path, exc) from exc
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: str | Path, obj: Any, fsync: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), fsync)
 
 
 @contextlib.contextmanager
@@ -238,7 +242,10 @@ class Ledger:
         return self.folder / f"{block:08d}.json"
 
     def write(self, block: int, record: dict[str, Any]) -> None:
-        atomic_write_json(self.record_path(block), {"block": block, **record})
+        # Not fsynced: the block's data file is not either (Zarr never syncs chunks), so a durable
+        # record would not make the block survive a machine crash. What a crash can leave, a record
+        # that is missing, empty, or names a file of another size, reads as not done.
+        atomic_write_json(self.record_path(block), {"block": block, **record}, fsync=False)
 
     def read(self, block: int) -> dict[str, Any] | None:
         try:
