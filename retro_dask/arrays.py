@@ -143,8 +143,13 @@ class ChunkFormat:
         return self.zstd.encode(raw) if self.zstd is not None else raw.tobytes()
 
     def decode(self, payload: bytes) -> np.ndarray:
-        raw = self.zstd.decode(payload) if self.zstd is not None else payload
-        return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunk_shape)
+        """The chunk's rows, in a new (writable) array."""
+        out = np.empty(self.chunk_shape, dtype=self.dtype)
+        if self.zstd is not None:
+            self.zstd.decode(payload, out=out)
+        else:
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(payload, dtype=np.uint8)
+        return out
 
 
 def chunk_format(arr: zarr.Array) -> ChunkFormat | None:

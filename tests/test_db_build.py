@@ -248,6 +248,7 @@ def test_block_files_are_the_bytes_zarr_writes(tmp_path):
         for lo, hi in ((0, n), (3, 9), (4, 8), (9, 10)):
             got = arrays.read_rows(ours, lo, hi)
             assert got.dtype == np.dtype(dtype) and np.array_equal(got, expected[lo:hi])
+            assert got.flags.writeable  # as Zarr's reads are
 
 
 def test_peak_rss_is_the_process_own(tmp_path):
