@@ -4,7 +4,8 @@ Reads the Megatron indexed datasets of the blend and writes, in the workdir:
 
 - ``db/candidates.zarr``: every candidate chunk cut from the document sizes of
   the training documents, with its end trimmed of a trailing end-of-document
-  token and its BERT length (a block stage: one task per block);
+  token and its BERT length (a block stage, in blocks of ``CANDIDATE_BLOCK_FACTOR``
+  x --block-size candidates);
 - ``db/chunks.zarr``: the valid candidates (non-empty, with at least one BERT
   token) in corpus order, int64 ``[n_chunks, 5]``: dataset_idx, document_idx,
   chunk_start, chunk_end, bert_length (a second block stage that compacts);

@@ -277,7 +277,8 @@ class Runner:
                 self.log(f"[{spec.desc or spec.stage}] {skipped[spec.stage]} of {spec.n_blocks} blocks already "
                          "done: skipped")
             if spec.make_span_task is not None and self.client is not None:
-                todo += [(spec.stage, span) for span in guided_spans(missing, self.n_threads, spec.max_span or MAX_SPAN)]
+                spans = guided_spans(missing, self.n_threads, spec.max_span or MAX_SPAN)
+                todo += [(spec.stage, span) for span in spans]
             else:
                 todo += [(spec.stage, [b]) for b in missing]
         by_stage = {spec.stage: spec for spec in specs}

@@ -242,7 +242,7 @@ class Ledger:
         return self.folder / f"{block:08d}.json"
 
     def write(self, block: int, record: dict[str, Any]) -> None:
-        # Not fsynced: the block's data file is not either (Zarr never syncs chunks), so a durable
+        # Not fsynced: the block's data file is not either (chunk files are never synced), so a durable
         # record would not make the block survive a machine crash. What a crash can leave, a record
         # that is missing, empty, or names a file of another size, reads as not done.
         atomic_write_json(self.record_path(block), {"block": block, **record}, fsync=False)
