@@ -76,13 +76,15 @@ def create(
     return arr
 
 
-# Opened arrays of this process, by (path, mode), with the identity of the zarr.json they were opened from.
-_OPENED: dict[tuple[str, str], tuple[tuple[int, int, int], zarr.Array]] = {}
+# Opened arrays of this process, by (path, mode), with the identity of the zarr.json they were opened
+# from and their ChunkFormat.
+_OPENED: dict[tuple[str, str], tuple[tuple[int, int, int], zarr.Array, "ChunkFormat | None"]] = {}
 _MAX_OPENED = 64
 
 
-def _open(path: str | Path, mode: str) -> zarr.Array:
-    """Open an array, reusing this process's earlier open while its zarr.json is the same file, unchanged.
+def _open(path: str | Path, mode: str) -> tuple[zarr.Array, "ChunkFormat | None"]:
+    """Open an array and find its chunk format, reusing this process's earlier open while its zarr.json
+    is the same file, unchanged.
 
     Opening reads and parses zarr.json through Zarr's event loop: ~1 ms, as much as
     writing a db-build block. An array created anew or given new attributes has a
@@ -96,24 +98,25 @@ def _open(path: str | Path, mode: str) -> zarr.Array:
         identity = None
     cached = _OPENED.get(key)
     if identity is not None and cached is not None and cached[0] == identity:
-        return cached[1]
+        return cached[1], cached[2]
     arr = zarr.open_array(key[0], mode=mode)
     if mode != "r":
         # The array config is not stored in zarr.json: it must be set on every open.
         arr = arr.with_config(ZARR_CONFIG)
+    fmt = chunk_format(arr)
     if identity is not None:
         if len(_OPENED) >= _MAX_OPENED:
             _OPENED.clear()
-        _OPENED[key] = (identity, arr)
-    return arr
+        _OPENED[key] = (identity, arr, fmt)
+    return arr, fmt
 
 
 def open_read(path: str | Path) -> zarr.Array:
-    return _open(path, "r")
+    return _open(path, "r")[0]
 
 
 def open_write(path: str | Path) -> zarr.Array:
-    return _open(path, "r+")
+    return _open(path, "r+")[0]
 
 
 # ---------------------------------------------------------------- whole chunks, without Zarr's event loop
@@ -197,8 +200,7 @@ def _write_chunk_file(workdir: str, stage: str, block: int, target: Path, payloa
 
 def read_rows(path: str | Path, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of the array at ``path``, decoding its chunk files directly when it can."""
-    arr = open_read(path)
-    fmt = chunk_format(arr)
+    arr, fmt = _open(path, "r")
     start, stop = max(0, start), min(stop, arr.shape[0])
     if fmt is None or stop - start <= 0:
         return arr[start:stop]
@@ -264,14 +266,13 @@ def write_chunk(workdir: str, stage: str, path: str | Path, block: int, data: np
     Returns the chunk file and the sha256 of its bytes. ``workdir`` and ``stage``
     name the block for fault injection and errors.
     """
-    arr = open_write(path)
+    arr, fmt = _open(path, "r+")
     b = arr.chunks[0]
     start = block * b
     stop = min(start + b, arr.shape[0])
     if data.shape != (stop - start,) + arr.shape[1:]:
         raise ValueError(f"block {block} of {path}: data shape {data.shape} != {(stop - start,) + arr.shape[1:]}")
     written = chunk_file(arr, path, block)
-    fmt = chunk_format(arr)
     try:
         if fmt is None:
             arr[start:stop] = data
