@@ -134,6 +134,13 @@ class StageResult:
         return dict(self.peaks.get(key, {}))
 
 
+# A task of a spanned stage computes at most this many blocks (unless the stage
+# says otherwise); spans shrink toward the end of the stage so that no worker
+# waits long for the last one.
+MAX_SPAN = 16
+SPANS_PER_THREAD = 4
+
+
 @dataclass(frozen=True)
 class BlockStage:
     """A block stage to run: its name (the ledger), block count, and task maker.
@@ -149,19 +156,12 @@ class BlockStage:
     make_task: Callable[[int], Any]
     desc: str | None = None
     make_span_task: Callable[[list[int]], Any] | None = None
-    max_span: int = 0  # 0: MAX_SPAN
+    max_span: int = MAX_SPAN
 
 
 def run_each(fn: Callable[..., dict[str, Any]], calls: Sequence[tuple]) -> list[dict[str, Any]]:
     """``[fn(*args) for args in calls]``: the body of a span task (``BlockStage.make_span_task``)."""
     return [fn(*args) for args in calls]
-
-
-# A task of a spanned stage computes at most this many blocks (unless the stage
-# says otherwise); spans shrink toward the end of the stage so that no worker
-# waits long for the last one.
-MAX_SPAN = 16
-SPANS_PER_THREAD = 4
 
 
 def guided_spans(blocks: list[int], n_threads: int, max_span: int = MAX_SPAN) -> list[list[int]]:
@@ -245,7 +245,7 @@ class Runner:
         unit: str = "rows",
         rows_key: str = "n_rows",
         make_span_task: Callable[[list[int]], Any] | None = None,
-        max_span: int = 0,
+        max_span: int = MAX_SPAN,
     ) -> StageResult:
         """Compute every block of ``stage`` that its ledger does not record as done.
 
@@ -253,7 +253,7 @@ class Runner:
         block's ledger record (written by the task itself after its data);
         ``make_span_task(blocks)``, if given, one whose result is the list of
         their records, used on a cluster to run several blocks per task
-        (``guided_spans``, at most ``max_span`` blocks a task; 0: ``MAX_SPAN``).
+        (``guided_spans``, at most ``max_span`` blocks a task).
         Every block still has its own record, so a resumed run skips exactly the
         blocks that were finished.
         """
@@ -277,7 +277,7 @@ class Runner:
                 self.log(f"[{spec.desc or spec.stage}] {skipped[spec.stage]} of {spec.n_blocks} blocks already "
                          "done: skipped")
             if spec.make_span_task is not None and self.client is not None:
-                spans = guided_spans(missing, self.n_threads, spec.max_span or MAX_SPAN)
+                spans = guided_spans(missing, self.n_threads, spec.max_span)
                 todo += [(spec.stage, span) for span in spans]
             else:
                 todo += [(spec.stage, [b]) for b in missing]
