@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -35,11 +35,11 @@ from .plan import (
     CompactionSlice,
     apportion,
     candidate_block,
-    iter_blocks,
     n_blocks,
     plan_candidate_blocks,
     plan_compaction,
-    sample_rows,
+    rebatch,
+    sample_row_blocks,
     split_document_ranges,
 )
 from .runner import Runner, block_record, guided_spans, run_each
@@ -350,19 +350,25 @@ def lookup_documents(first_row: np.ndarray, keys: np.ndarray, rows: np.ndarray) 
     return np.where(rows < 0, -1, out)
 
 
-def train_sample(config: BuildConfig, n_chunks_per_dataset: Sequence[int], ntrain: int) -> np.ndarray:
-    """Sorted chunks.zarr rows of the index-training sample.
+def train_sample(config: BuildConfig, n_chunks_per_dataset: Sequence[int],
+                 ntrain: int) -> tuple[list[int], Iterator[np.ndarray]]:
+    """The index-training sample: rows per dataset, and the sorted chunks.zarr rows a block at a time.
 
     ``ntrain`` is split across datasets by blend ratio (capped by each one's
-    chunks); within a dataset the rows are a seeded uniform sample.
+    chunks); within a dataset the rows are a seeded uniform sample, drawn a
+    block of rows at a time so that no process holds the whole sample.
     """
     share = apportion(ntrain, config.chunk.data.ratios, n_chunks_per_dataset)
-    offsets = np.concatenate([[0], np.cumsum(n_chunks_per_dataset)])
-    parts = []
-    for d, k in enumerate(share):
-        rng = np.random.default_rng([config.chunk.seed, d])
-        parts.append(offsets[d] + sample_rows(int(n_chunks_per_dataset[d]), int(k), rng))
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n_chunks_per_dataset)]).astype(np.int64)
+    B = config.chunk.block_size
+
+    def rows() -> Iterator[np.ndarray]:
+        for d, k in enumerate(share):
+            rng = np.random.default_rng([config.chunk.seed, d])
+            for part in sample_row_blocks(int(n_chunks_per_dataset[d]), int(k), rng, B):
+                yield offsets[d] + part
+
+    return share, rows()
 
 
 def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> dict[str, Any]:
@@ -413,17 +419,15 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
         mark_stage_done(w, "db-docs", {"n_chunks": n_chunks})
 
     ntrain = int(index_ntrain(n_chunks))
-    sample = train_sample(config, valid.tolist(), ntrain)
+    sampled_per_dataset, sample_blocks = train_sample(config, valid.tolist(), ntrain)
+    n_sampled = sum(sampled_per_dataset)
     done = stage_done(w, "db-sampled")
-    if not done or done.get("n_sampled") != len(sample):
+    if not done or done.get("n_sampled") != n_sampled:
         with atomic_path(sampled_path(w)) as tmp:
-            arrays.create(tmp, (len(sample),), np.int64, max(B, 1), fill_value=0)
-            for b, lo, hi in iter_blocks(len(sample), B):
-                arrays.write_chunk(w, "db-sampled", tmp, b, sample[lo:hi])
-        mark_stage_done(w, "db-sampled", {"n_sampled": len(sample)})
-    sampled_per_dataset = np.bincount(
-        np.searchsorted(np.cumsum(valid), sample, side="right"), minlength=n_ds
-    ) if len(sample) else np.zeros(n_ds, np.int64)
+            arrays.create(tmp, (n_sampled,), np.int64, B, fill_value=0)
+            for b, rows in enumerate(rebatch(sample_blocks, B)):
+                arrays.write_chunk(w, "db-sampled", tmp, b, rows)
+        mark_stage_done(w, "db-sampled", {"n_sampled": n_sampled})
 
     infos = []
     for d, f in enumerate(facts):
@@ -435,14 +439,14 @@ def build_db(runner: Runner, config: BuildConfig, index_ntrain, log=print) -> di
             "n_chunks": int(valid[d] + invalid[d]),
             "n_chunks_train": int(valid[d]),
             "n_chunks_invalid": int(invalid[d]),
-            "n_chunks_sampled": int(sampled_per_dataset[d]),
+            "n_chunks_sampled": sampled_per_dataset[d],
         })
     atomic_write_json(infos_path(w), infos)
     seconds = time.perf_counter() - t0
     stats = runner.write_stats(
         "db-build", cand_result, seconds,
         n_candidates=plan.n_candidates, n_chunks=n_chunks, n_chunks_invalid=int(invalid.sum()),
-        n_sampled=len(sample), chunks_per_s=round(cand_result.total("n_rows") / max(cand_result.seconds, 1e-9), 1),
+        n_sampled=n_sampled, chunks_per_s=round(cand_result.total("n_rows") / max(cand_result.seconds, 1e-9), 1),
         compaction_seconds=round(chunk_result.seconds, 3),
     )
     mark_stage_done(w, "db-build", {"n_chunks": n_chunks})

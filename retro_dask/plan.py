@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -265,6 +265,40 @@ def sample_rows(n_rows: int, n_sample: int, rng: np.random.Generator) -> np.ndar
     if len(keep) > n_sample:
         keep = np.sort(rng.choice(keep, size=n_sample, replace=False))
     return keep
+
+
+def sample_row_blocks(n_rows: int, n_sample: int, rng: np.random.Generator,
+                      block_size: int) -> Iterator[np.ndarray]:
+    """A uniform sample of ``n_sample`` distinct rows of ``range(n_rows)``, in order, a block at a time.
+
+    How many rows each block of ``block_size`` rows gives is one multivariate
+    hypergeometric draw (the counts of a uniform subset); each block's rows are
+    then a uniform subset of that block. Together that is a uniform subset of
+    the whole range, and memory is O(block_size + number of blocks), not O(n_sample).
+    Yields the sorted rows of each block (empty blocks included).
+    """
+    n_rows, n_sample = int(n_rows), min(int(n_sample), int(n_rows))
+    if n_rows == 0:
+        return
+    sizes = np.diff(np.minimum(np.arange(0, n_rows + block_size, block_size), n_rows))
+    counts = rng.multivariate_hypergeometric(sizes, n_sample, method="marginals")
+    for b, (size, count) in enumerate(zip(sizes.tolist(), counts.tolist())):
+        yield b * block_size + sample_rows(size, count, rng)
+
+
+def rebatch(parts: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """The concatenation of ``parts`` cut into arrays of ``size`` items (the last one shorter)."""
+    held: list[np.ndarray] = []
+    n_held = 0
+    for part in parts:
+        held.append(part)
+        n_held += len(part)
+        while n_held >= size:
+            joined = np.concatenate(held)
+            yield joined[:size]
+            held, n_held = [joined[size:]], n_held - size
+    if n_held:
+        yield np.concatenate(held)
 
 
 def n_blocks(n_rows: int, block_size: int) -> int:

@@ -14,6 +14,8 @@ from retro_dask.plan import (
     candidate_block,
     plan_candidate_blocks,
     plan_compaction,
+    rebatch,
+    sample_row_blocks,
     sample_rows,
     split_document_ranges,
 )
@@ -133,6 +135,46 @@ def test_sample_rows_is_uniform_and_memory_follows_the_sample():
     tracemalloc.stop()
     assert len(np.unique(rows)) == 5_000_000
     assert peak < 300e6, peak  # numpy's sampler would hold the range: 640 MB
+
+
+@given(st.integers(0, 3000), st.integers(0, 3000), st.integers(1, 700), st.integers(0, 2**32 - 1))
+def test_sample_row_blocks_are_a_sorted_subset_block_by_block(n_rows, n_sample, block, seed):
+    parts = list(sample_row_blocks(n_rows, n_sample, np.random.default_rng(seed), block))
+    assert len(parts) == -(-n_rows // block)
+    for b, part in enumerate(parts):
+        assert np.all((part >= b * block) & (part < min((b + 1) * block, n_rows)))
+    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    assert len(rows) == min(n_rows, n_sample)
+    assert np.all(np.diff(rows) > 0)
+
+
+def test_sample_row_blocks_are_uniform_and_memory_follows_the_block():
+    """Bins that straddle blocks are equally likely, and no process holds the whole sample."""
+    import tracemalloc
+
+    counts = np.zeros(20)
+    for seed in range(200):
+        rows = np.concatenate(list(sample_row_blocks(100_000, 2_000, np.random.default_rng(seed), 3_000)))
+        counts += np.bincount(rows // 5_000, minlength=20)
+    expected = counts.sum() / 20
+    assert ((counts - expected) ** 2 / expected).sum() < 43.8  # chi-square, 19 degrees of freedom, p = 0.001
+    tracemalloc.start()
+    n = 0
+    for part in sample_row_blocks(80_000_000, 5_000_000, np.random.default_rng(0), 100_000):
+        n += len(part)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 5_000_000
+    assert peak < 5e6, peak  # the sample alone is 40 MB
+
+
+@given(st.lists(st.integers(0, 20)), st.integers(1, 7))
+def test_rebatch_cuts_the_concatenation_into_equal_arrays(lengths, size):
+    parts = [np.arange(n) + 100 * i for i, n in enumerate(lengths)]
+    out = list(rebatch(iter(parts), size))
+    joined = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    assert np.array_equal(np.concatenate(out) if out else np.zeros(0, np.int64), joined)
+    assert all(len(o) == size for o in out[:-1]) and all(0 < len(o) <= size for o in out)
 
 
 def test_sample_is_not_a_prefix():
