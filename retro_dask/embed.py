@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import threading
 import time
@@ -87,6 +88,21 @@ def _torch():
     return torch
 
 
+def native_half_precision(dtype) -> bool:
+    """Whether oneDNN has kernels for ``dtype`` (bf16 or fp16) on this CPU (AVX-512 and up; AMX is fastest).
+
+    Without them the type is emulated: all-MiniLM-L6-v2's linear layers ran
+    ~5x slower in bf16 than in fp32 on an AVX2-only EPYC (RESULTS.md). Unknown
+    (a torch without the probe) counts as native.
+    """
+    torch = _torch()
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return probe is None or bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def default_device() -> str:
     """Where this process runs BERT: ``RETRO_DASK_DEVICE`` if set, else
 
@@ -136,6 +152,11 @@ class Embedder:
             # cluster, one worker per core), or every core in a plain process.
             torch.set_num_threads(threads or worker_threads())
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.embed_dtype]
+        if self.device.type == "cpu" and not native_half_precision(dtype):
+            logging.getLogger(__name__).warning(
+                "--embed-dtype %s: this CPU (%s) has no native %s matmul, so it is emulated and runs several "
+                "times slower than fp32; use --embed-dtype fp32 here", config.embed_dtype,
+                torch.backends.cpu.get_cpu_capability(), config.embed_dtype)
         model_config = check_bert_dir(self.model_dir)
         self.model = load_bert_encoder(self.model_dir, self.device, dtype)
         self.dim = int(model_config["hidden_size"])

@@ -292,3 +292,23 @@ def test_a_checkpoint_with_other_weight_names_runs_on_transformers(tmp_path, cap
         encoder = load_bert_encoder(str(folder), torch.device("cpu"), torch.float32)
     assert not isinstance(encoder, BertEncoder)
     assert "no weight named 'embeddings.LayerNorm.weight'" in caplog.text
+
+
+def test_emulated_half_precision_is_named_when_the_embedder_starts(tiny_bert, caplog):
+    """bf16 on an AVX2-only CPU is emulated (~5x slower than fp32 here): the embedder says so."""
+    from pathlib import Path
+
+    from retro_dask.embed import Embedder, native_half_precision
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        assert native_half_precision(torch.bfloat16)
+    if flags and not any(f.startswith("avx512") for f in flags):  # AVX2 at most: bf16 is emulated
+        assert not native_half_precision(torch.bfloat16)
+    assert native_half_precision(torch.float32)
+    for dtype in ("fp32", "bf16"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="retro_dask.embed"):
+            Embedder(EmbedConfig(bert_model=tiny_bert, embed_dtype=dtype), "cpu", threads=1)
+        warned = "has no native bf16 matmul" in caplog.text
+        assert warned == (dtype == "bf16" and not native_half_precision(torch.bfloat16)), caplog.text
