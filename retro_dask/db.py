@@ -115,7 +115,7 @@ CANDIDATE_BLOCK_FACTOR = 4
 def plan_candidates(config: BuildConfig, facts: Sequence[DatasetFacts], block_size: int | None = None):
     """The candidate blocks: of the length pass (``CANDIDATE_BLOCK_FACTOR`` x --block-size) unless ``block_size``."""
     return plan_candidate_blocks(
-        [(open_dataset(f.prefix).sizes, f.train[0], f.train[1]) for f in facts],
+        [(open_dataset(f.prefix).scanned_sizes(), f.train[0], f.train[1]) for f in facts],
         config.chunk.chunk_length,
         block_size or CANDIDATE_BLOCK_FACTOR * config.chunk.block_size,
     )

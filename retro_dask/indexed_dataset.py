@@ -85,7 +85,7 @@ _UINT16_VOCAB_LIMIT = 65500
 
 # Validation and index writing walk the arrays in pieces of this many
 # elements so that memory stays bounded however many sequences there are.
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16
 # Bytes copied at a time when add_index streams another dataset's .bin.
 _COPY_BYTES = 16 << 20
 
@@ -191,6 +191,33 @@ def _map(path: str, size: int) -> np.ndarray:
         empty.flags.writeable = False
         return empty
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
+
+
+def _release(mapped: Any) -> None:
+    """Drop a memory map's resident pages from this process (the page cache keeps them)."""
+    mm = getattr(mapped, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+class ScannedSizes:
+    """A dataset's document sizes for a scan by windows (``sizes[a:b]``).
+
+    Each window is a copy, and the ``.idx`` pages it was read from leave this
+    process's RSS: a driver that plans blocks over a corpus of any size holds
+    one window of sizes, not the corpus's.
+    """
+
+    def __init__(self, dataset: "IndexedDataset"):
+        self._dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self._dataset.sizes)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        out = np.array(self._dataset.sizes[key])
+        _release(self._dataset._idx_map)
+        return out
 
 
 class IndexedDataset:
@@ -348,6 +375,7 @@ class IndexedDataset:
                     f"lengths before it add up to byte {int(expected[j])}",
                 )
             expected_next = int(expected[-1]) + int(nbytes[-1])
+            _release(self._idx_map)  # a window's pages need not stay in this process
         return expected_next
 
     def _check_document_indices(self, idx: str) -> None:
@@ -374,6 +402,7 @@ class IndexedDataset:
                     f"after {int(docs[k - 1])}; they must be non-decreasing",
                 )
             previous = int(chunk[-1])
+            _release(self._idx_map)
         if previous != n:
             raise self._bad(
                 idx,
@@ -407,17 +436,21 @@ class IndexedDataset:
         return j
 
     def release_pages(self) -> None:
-        """Unmap the ``.bin`` pages this process has touched (they stay in the page cache).
+        """Unmap the ``.bin`` and ``.idx`` pages this process has touched (they stay in the page cache).
 
-        Pages read through the memory map count in the process's RSS until the
+        Pages read through the memory maps count in the process's RSS until the
         kernel needs them back, so a worker that streams through a large corpus
-        would look (to Dask's memory monitor) as if it held the corpus. Block
-        tasks call this when they finish; views returned earlier stay valid
-        (their pages are read in again on access).
+        would look (to Dask's memory monitor) as if it held the corpus, and a
+        driver that scanned the document sizes as if it held them. Block tasks
+        call this when they finish; views returned earlier stay valid (their
+        pages are read in again on access).
         """
-        mm = getattr(self._bin_map, "_mmap", None)
-        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
+        _release(self._bin_map)
+        _release(self._idx_map)
+
+    def scanned_sizes(self) -> "ScannedSizes":
+        """The document sizes for a scan by windows: each window is a copy, and the pages it came from are released."""
+        return ScannedSizes(self)
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Sequence ``i`` (negative counts from the end), a read-only view of ``.bin``."""

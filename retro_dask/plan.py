@@ -22,7 +22,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 # Documents are scanned in windows of this many so that planning a corpus of
 # any size holds a bounded amount of sizes in memory at once.
-SIZE_WINDOW = 1 << 20
+SIZE_WINDOW = 1 << 16
 
 
 def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:

@@ -500,3 +500,26 @@ def test_release_pages_unmaps_what_was_read_and_views_stay_valid(tmp_path):
     assert released - before < 10_000, (before, touched, released)
     assert view.tobytes() == docs[123].tobytes()
     assert ds.get(5, 10, 20).tobytes() == docs[5][10:30].tobytes()
+
+
+def test_index_pages_do_not_stay_in_the_process(tmp_path):
+    """Opening, scanning sizes by windows and release_pages leave no .idx pages in the RSS (a driver planning a large corpus)."""
+    if _rss_file_kb() is None:
+        pytest.skip("needs /proc/self/status (Linux)")
+    n = 1_000_000
+    write_indexed_dataset(tmp_path / "d", (np.full(1, i % 50000, np.uint16) for i in range(n)), np.uint16)
+    before = _rss_file_kb()
+    ds = IndexedDataset(tmp_path / "d")  # ~20 MB of .idx: sizes, pointers, document indices
+    checked = _rss_file_kb()  # the open checks every pointer, a window at a time
+    assert int(ds.sizes.sum()) == n and int(ds.pointers.sum()) == n * (n - 1)
+    touched = _rss_file_kb()
+    ds.release_pages()
+    released = _rss_file_kb()
+    scanned = ds.scanned_sizes()
+    assert len(scanned) == n and sum(int(scanned[a : a + 4096].sum()) for a in range(0, n, 4096)) == n
+    after_scan = _rss_file_kb()
+    assert checked - before < 3_000, (before, checked)
+    assert touched - before > 10_000, (before, touched)
+    assert released - before < 3_000, (before, touched, released)
+    assert after_scan - before < 3_000, (before, after_scan)
+    assert int(ds.sizes[-1]) == 1 and ds[n - 1].tolist() == [(n - 1) % 50000]
