@@ -164,25 +164,12 @@ def trim_and_measure(job: CandidateJob, cand: np.ndarray) -> np.ndarray:
     (end == start, length 0); a candidate whose text has no BERT token keeps its
     end and gets length 0.
     """
-    gpt = get_gpt_tokenizer(job.gpt)
-    bert = get_bert_tokenizer(job.bert)
     out = np.zeros((len(cand), 5), dtype=np.int64)
     out[:, :4] = cand
-    texts: list[str] = [""] * len(cand)
-    for d in np.unique(cand[:, 0]):
-        sel = np.flatnonzero(cand[:, 0] == d)
-        ds = open_dataset(job.prefixes[int(d)])
-        tokens, starts, ends = read_chunk_runs(ds, cand[sel, 1:4])
-        # A chunk that ends its document loses a trailing end-of-document token.
-        at_doc_end = np.flatnonzero(out[sel, 3] == ds.sizes[cand[sel, 1]])
-        trim = at_doc_end[(ends[at_doc_end] > starts[at_doc_end]) & (tokens[ends[at_doc_end] - 1] == gpt.eod)]
-        ends[trim] -= 1
-        out[sel[trim], 3] -= 1
-        for i, text in zip(sel.tolist(), gpt.decode_runs(tokens, starts, ends)):
-            texts[i] = text
+    texts = chunk_texts_of_rows(get_gpt_tokenizer(job.gpt), job.prefixes, out, trim_eod=True)
     release_dataset_pages(job.prefixes)
     nonempty = out[:, 3] > out[:, 2]
-    lengths = bert.lengths(texts, num_threads=1)
+    lengths = get_bert_tokenizer(job.bert).lengths(texts, num_threads=1)
     out[:, 4] = np.where(nonempty, lengths, 0)
     return out
 
@@ -210,12 +197,22 @@ def read_chunk_runs(ds: IndexedDataset, rows: np.ndarray) -> tuple[np.ndarray, n
     return tokens, starts, starts + (end - begin)
 
 
-def chunk_texts_of_rows(gpt, prefixes: Sequence[str], rows: np.ndarray) -> list[str]:
-    """GPT detokenization of database chunks (rows of chunks.zarr), read and decoded one document run at a time."""
+def chunk_texts_of_rows(gpt, prefixes: Sequence[str], rows: np.ndarray, trim_eod: bool = False) -> list[str]:
+    """GPT detokenization of chunks (rows of chunks.zarr or candidates), read and decoded one document run at a time.
+
+    With ``trim_eod`` a row that ends its document loses a trailing end-of-document
+    token: its end (``rows[:, 3]``) is lowered in place (db-build's length pass).
+    """
     texts: list[str] = [""] * len(rows)
     for d in np.unique(rows[:, 0]):
         sel = np.flatnonzero(rows[:, 0] == d)
-        tokens, starts, ends = read_chunk_runs(open_dataset(prefixes[int(d)]), rows[sel, 1:4])
+        ds = open_dataset(prefixes[int(d)])
+        tokens, starts, ends = read_chunk_runs(ds, rows[sel, 1:4])
+        if trim_eod:
+            at_doc_end = np.flatnonzero(rows[sel, 3] == ds.sizes[rows[sel, 1]])
+            trim = at_doc_end[(ends[at_doc_end] > starts[at_doc_end]) & (tokens[ends[at_doc_end] - 1] == gpt.eod)]
+            ends[trim] -= 1
+            rows[sel[trim], 3] -= 1
         for i, text in zip(sel.tolist(), gpt.decode_runs(tokens, starts, ends)):
             texts[i] = text
     return texts
