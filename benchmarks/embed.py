@@ -85,7 +85,7 @@ def main() -> None:
         dtypes = ["fp32"] + (["bf16"] if native_half_precision(torch.bfloat16) else [])
         if len(dtypes) == 1:
             print(f"bf16 skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 kernels "
-                  "(--dtypes fp32,bf16 runs it anyway)")
+                  "(--dtypes fp32,bf16 runs it anyway)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="retro-embed-bench-"))
     try:
         full = sample_corpus(tmp)
