@@ -71,6 +71,12 @@ def candidate_counts(sizes: np.ndarray, chunk_length: int) -> np.ndarray:
     return (sizes + (chunk_length - 1)) // chunk_length
 
 
+def count_tokens(sizes: Sequence[int] | np.ndarray, doc_start: int, doc_end: int) -> int:
+    """Tokens of documents ``doc_start:doc_end``, summed a window of ``SIZE_WINDOW`` sizes at a time."""
+    return sum(int(np.asarray(sizes[w0 : min(w0 + SIZE_WINDOW, doc_end)], np.int64).sum())
+               for w0 in range(doc_start, doc_end, SIZE_WINDOW))
+
+
 @dataclass(frozen=True)
 class BlockStart:
     """Where a block of candidate chunks starts: a dataset, a document, a chunk of it."""

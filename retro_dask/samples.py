@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
-from .plan import SPLIT_NAMES, split_document_ranges
+from .plan import SPLIT_NAMES, count_tokens, split_document_ranges
 from .workdir import atomic_path, atomic_write_json, query_meta_path, read_json, samples_dir
 
 # ---------------------------------------------------------------- pure maps
@@ -125,7 +125,7 @@ def split_plan(config, split: str, sizes_of: Sequence[np.ndarray]) -> SplitPlan:
     L = config.query.seq_length
     wanted = config.query.samples(split)
     if wanted is None:
-        wanted = sum(epoch_samples(int(np.asarray(sz[a:b], np.int64).sum()), L) for sz, (a, b) in zip(sizes_of, ranges))
+        wanted = sum(epoch_samples(count_tokens(sz, a, b), L) for sz, (a, b) in zip(sizes_of, ranges))
     return SplitPlan(split, int(wanted), L, config.chunk.chunk_length, config.chunk.seed,
                      tuple(config.chunk.data.ratios), tuple(config.chunk.data.prefixes), ranges,
                      tuple(config.chunk.split))
@@ -135,7 +135,7 @@ def check_splits_can_fill(config, facts) -> None:
     """Refuse a split whose documents cannot fill one sample although samples are wanted."""
     from .db import open_dataset
 
-    sizes_of = [open_dataset(f.prefix).sizes for f in facts]
+    sizes_of = [open_dataset(f.prefix).scanned_sizes() for f in facts]
     L = config.query.seq_length
     for s, split in enumerate(SPLIT_NAMES):
         asked = config.query.samples(split)
@@ -143,7 +143,7 @@ def check_splits_can_fill(config, facts) -> None:
             continue
         for f, sizes in zip(facts, sizes_of):
             a, b = f.splits[s]
-            tokens = int(np.asarray(sizes[a:b], np.int64).sum())
+            tokens = count_tokens(sizes, a, b)
             if tokens < L + 1 and (asked or b > a or config.chunk.split[s] > 0):
                 raise InputError(
                     f"the {split} split of {f.prefix} has {b - a} documents and {tokens} tokens, which cannot fill "

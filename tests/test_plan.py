@@ -12,6 +12,7 @@ from retro_dask.index_plan import auto_core, default_nprobe, plan_index, reducti
 from retro_dask.plan import (
     apportion,
     candidate_block,
+    count_tokens,
     plan_candidate_blocks,
     plan_compaction,
     rebatch,
@@ -175,6 +176,19 @@ def test_rebatch_cuts_the_concatenation_into_equal_arrays(lengths, size):
     joined = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     assert np.array_equal(np.concatenate(out) if out else np.zeros(0, np.int64), joined)
     assert all(len(o) == size for o in out[:-1]) and all(0 < len(o) <= size for o in out)
+
+
+@given(st.lists(st.integers(0, 300), max_size=60), st.data())
+def test_count_tokens_sums_by_windows(sizes, data):
+    from retro_dask import plan
+
+    a = data.draw(st.integers(0, len(sizes)))
+    b = data.draw(st.integers(a, len(sizes)))
+    old, plan.SIZE_WINDOW = plan.SIZE_WINDOW, 7  # windows that split the range
+    try:
+        assert count_tokens(np.array(sizes, np.int32), a, b) == sum(sizes[a:b])
+    finally:
+        plan.SIZE_WINDOW = old
 
 
 def test_sample_is_not_a_prefix():
