@@ -66,14 +66,15 @@ def run(prefix: str, factory: str, nprobe: int, dtype: str = "fp32", batch: int 
 
     import transformers
 
-    from retro_dask.faiss_util import faiss as load_faiss
+    from retro_dask.formats.faiss_index import faiss as load_faiss
 
-    from retro_dask.indexed_dataset import IndexedDataset
-    from retro_dask.plan import split_document_ranges
-    from retro_dask.samples import Samples, build_split_maps, split_plan  # noqa: F401
-    from retro_dask.tokenizer import default_bert_dir, get_bert_tokenizer, get_gpt_tokenizer
+    from retro_dask.formats.indexed_dataset import IndexedDataset
+    from retro_dask.plan.chunks import split_document_ranges
+    from retro_dask.plan.samples import build_split_maps, split_plan  # noqa: F401
+    from retro_dask.text.bert import default_bert_dir, get_bert_tokenizer
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
-    # retro_dask's loader: the same OpenBLAS kernel as the pipeline (see faiss_util).
+    # retro_dask's loader: the same OpenBLAS kernel as the pipeline (see formats/faiss_index.py).
     faiss = load_faiss()
     transformers.utils.logging.set_verbosity_error()
     cores = os.cpu_count() or 1

@@ -36,16 +36,16 @@ def machine() -> str:
 
 def peak_rss_mb() -> float:
     """This process's own peak RSS in MiB (VmHWM: ru_maxrss would include the process that started it)."""
-    from retro_dask.runner import peak_rss_mb as own_peak
+    from retro_dask.engine.process_env import peak_rss_mb as own_peak
 
     return own_peak()
 
 
 def sample_corpus(folder: Path, n_docs: int | None = None) -> str:
     """The packaged sample corpus (or its first ``n_docs``) as an indexed dataset."""
-    from retro_dask.indexed_dataset import write_indexed_dataset
-    from retro_dask.sample_corpus import iter_sample_documents
-    from retro_dask.tokenizer import get_gpt_tokenizer
+    from retro_dask.formats.indexed_writer import write_indexed_dataset
+    from retro_dask.formats.sample_corpus import iter_sample_documents
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
     gpt = get_gpt_tokenizer()
     texts = list(iter_sample_documents())[:n_docs]
@@ -84,7 +84,7 @@ def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out) -> None:
     import torch
 
     from retro_dask.config import EmbedConfig
-    from retro_dask.embed import Embedder
+    from retro_dask.text.embedder import Embedder
 
     # The model the workers run, at its best: the same forward pass (retro_dask.bert_encoder), allocator
     # settings, kernel caches and length batching as the embed stage's Embedder, one thread.

@@ -40,7 +40,8 @@ from common import ROOT, machine, record_results, sample_corpus, table
 
 def synthetic_corpus(folder: Path, base_prefix: str, n_tokens: float, seed: int = 0) -> str:
     """Random sample documents, concatenated 1-8 at a time into documents, written block by block."""
-    from retro_dask.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+    from retro_dask.formats.indexed_dataset import IndexedDataset
+    from retro_dask.formats.indexed_writer import IndexedDatasetWriter
 
     base = IndexedDataset(base_prefix)
     rng = np.random.default_rng(seed)
@@ -64,9 +65,10 @@ def loop_baseline(prefix: str, lengths: str = "counter") -> dict:
     ``"tokenizers"``: the tokenizers library encoding every chunk (the straightforward way,
     and what the workers did before the counter).
     """
-    from retro_dask.indexed_dataset import IndexedDataset
-    from retro_dask.plan import split_document_ranges
-    from retro_dask.tokenizer import get_bert_tokenizer, get_gpt_tokenizer
+    from retro_dask.formats.indexed_dataset import IndexedDataset
+    from retro_dask.plan.chunks import split_document_ranges
+    from retro_dask.text.bert import get_bert_tokenizer
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
     gpt, bert = get_gpt_tokenizer(), get_bert_tokenizer()
     measure = bert.lengths if lengths == "counter" else bert._encoded_lengths
@@ -131,7 +133,7 @@ def main() -> None:
         print(f"generated synthetic corpora in {time.perf_counter() - t0:.0f} s")
         rows = []
         for name, prefix in (("sample", sample), ("small", small), ("large", large)):
-            from retro_dask.indexed_dataset import IndexedDataset
+            from retro_dask.formats.indexed_dataset import IndexedDataset
 
             n_tokens = IndexedDataset(prefix).n_tokens
             # The loops run right before and after the pipeline (this machine's speed drifts within minutes);

@@ -64,9 +64,10 @@ def baseline(prefix: str, factory: str, nprobe: int, dtype: str) -> dict:
 def ceiling_ids(workdir: Path) -> tuple[list[list[int]], list[list[int]]]:
     """WordPiece ids of every chunk the pipeline embeds: (database chunks, query chunks)."""
     from retro_dask import inspect as retro
-    from retro_dask.embed import chunk_texts
-    from retro_dask.samples import Samples
-    from retro_dask.tokenizer import GPTTokenizerSpec, get_bert_tokenizer
+    from retro_dask.text.chunk_texts import chunk_texts
+    from retro_dask.formats.sample_maps import Samples
+    from retro_dask.text.gpt import GPTTokenizerSpec
+    from retro_dask.text.bert import get_bert_tokenizer
 
     retro.init(str(workdir), quiet=True)
     db_texts = [retro.get_db_chunk_text(i) for i in range(retro.get_db_num_chunks())]
@@ -82,19 +83,17 @@ def ceiling_ids(workdir: Path) -> tuple[list[list[int]], list[list[int]]]:
 
 def neighbor_recalls(fp32: Path, others: list[Path], n: int = 500, seed: int = 0) -> list[float]:
     """recall@10 of each workdir's saved neighbours against exact search on the fp32 embeddings."""
-    from retro_dask import arrays
     from retro_dask.build import recorded_config
-    from retro_dask.runner import Runner
-    from retro_dask.verify import RECALL_AT, exact_knn, recall_at
-    from retro_dask.db import doc_key, gpt_spec, lookup_documents
-    from retro_dask.query import document_lookup, filter_neighbors
-    from retro_dask.samples import Samples
-    from retro_dask.verify import _embed_tokens
-    from retro_dask.workdir import neighbors_path
+    from retro_dask.formats import zarr_blocks
+    from retro_dask.formats.sample_maps import Samples
+    from retro_dask.formats.workdir import embeddings_path, neighbors_path
+    from retro_dask.plan.chunks import doc_key, lookup_documents
+    from retro_dask.stages.query import document_lookup, filter_neighbors
+    from retro_dask.stages.recall import RECALL_AT, _embed_tokens, exact_knn, recall_at
 
     config = recorded_config(fp32)
     samples = Samples(fp32, "train")
-    nb = arrays.open_read(neighbors_path(fp32, "train"))
+    nb = zarr_blocks.open_read(neighbors_path(fp32, "train"))
     rows = np.sort(np.random.default_rng(seed).choice(nb.shape[0], size=min(n, nb.shape[0]), replace=False))
     cps, cl = samples.chunks_per_sample, samples.chunk_length
     tokens, pair_s, pair_k = [], [], []
@@ -105,14 +104,14 @@ def neighbor_recalls(fp32: Path, others: list[Path], n: int = 500, seed: int = 0
         keys = np.unique(doc_key(k, docs))
         pair_s.append(np.full(len(keys), local))
         pair_k.append(keys)
-    x = _embed_tokens(config.embed, gpt_spec(config), tokens)
-    _, truth = exact_knn(Runner(str(fp32), None, progress=False), x, config.query.num_neighbors_query, True)
+    x = _embed_tokens(config.embed, config.chunk.gpt_spec(), tokens)
+    _, truth = exact_knn(str(embeddings_path(fp32)), x, config.query.num_neighbors_query, True)
     first, keys = document_lookup(str(fp32))
     truth = filter_neighbors(truth, lookup_documents(first, keys, truth), np.arange(len(rows)),
                              np.concatenate(pair_s), np.concatenate(pair_k), RECALL_AT)
     out = []
     for w in [fp32, *others]:
-        saved = arrays.open_read(neighbors_path(w, "train")).get_orthogonal_selection((rows, slice(None)))
+        saved = zarr_blocks.open_read(neighbors_path(w, "train")).get_orthogonal_selection((rows, slice(None)))
         out.append(recall_at(saved, truth))
     return out
 

@@ -59,7 +59,7 @@ def peak_halfway_and_end(workdir: Path) -> str:
 def chunk_ids(workdir: Path) -> list[list[int]]:
     """The WordPiece ids the embed stage feeds the model, for the ceiling."""
     from retro_dask import inspect as retro
-    from retro_dask.tokenizer import get_bert_tokenizer
+    from retro_dask.text.bert import get_bert_tokenizer
 
     retro.init(str(workdir), quiet=True)
     texts = [retro.get_db_chunk_text(i) for i in range(retro.get_db_num_chunks())]
@@ -80,7 +80,7 @@ def main() -> None:
     else:
         import torch
 
-        from retro_dask.embed import native_half_precision
+        from retro_dask.text.embedder import native_half_precision
 
         dtypes = ["fp32"] + (["bf16"] if native_half_precision(torch.bfloat16) else [])
         if len(dtypes) == 1:

@@ -128,8 +128,8 @@ def make_models(models_dir: Path, arch: Path, quick: bool) -> dict[str, Path]:
 
 def corpus_chunks(prefix: str, chunk_length: int, max_docs: int | None) -> list[np.ndarray]:
     """64-token chunks of every document, never across a document, trailing end-of-document dropped."""
-    from retro_dask.indexed_dataset import IndexedDataset
-    from retro_dask.tokenizer import get_gpt_tokenizer
+    from retro_dask.formats.indexed_dataset import IndexedDataset
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
     eod = get_gpt_tokenizer().eod
     ds = IndexedDataset(prefix)
@@ -144,8 +144,9 @@ def corpus_chunks(prefix: str, chunk_length: int, max_docs: int | None) -> list[
 
 def host_prep(chunks, tokenizer_dir: str, max_len: int) -> tuple[list[str], list[list[int]], dict]:
     """Detokenize and WordPiece in one thread (as a one-thread worker does); the rates."""
-    from retro_dask.embed import chunk_texts
-    from retro_dask.tokenizer import BertTokenizerSpec, GPTTokenizerSpec, get_bert_tokenizer
+    from retro_dask.text.chunk_texts import chunk_texts
+    from retro_dask.text.bert import BertTokenizerSpec, get_bert_tokenizer
+    from retro_dask.text.gpt import GPTTokenizerSpec
 
     bert = get_bert_tokenizer(BertTokenizerSpec(tokenizer_dir))
     chunk_texts(GPTTokenizerSpec(), chunks[:8])  # load the tokenizers outside the timing
@@ -277,7 +278,7 @@ def bench_embed(model_name: str, folder: Path, dtype: str, ids, device: str, arg
     import torch
 
     from retro_dask.config import EmbedConfig
-    from retro_dask.embed import Embedder
+    from retro_dask.text.embedder import Embedder
 
     t0 = time.perf_counter()
     embedder = Embedder(EmbedConfig(bert_model=str(folder), embed_dtype=dtype, max_chunk_length=args.max_len),

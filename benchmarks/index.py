@@ -47,16 +47,16 @@ RUNS = ("1worker", "2workers", "disk", "small", "small-disk", "1thread")
 
 def make_workdir(w: Path, n: int, index_str: str, ntrain: int, seed: int = 0) -> None:
     """A workdir holding synthetic embeddings (as the embed stage leaves it) and a training sample."""
-    from retro_dask import arrays
     from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, IndexConfig, QueryConfig
-    from retro_dask.workdir import atomic_write_bytes, config_path, mark_stage_done, sampled_path
+    from retro_dask.engine.targets import ZarrTarget
+    from retro_dask.formats.workdir import atomic_write_bytes, config_path, sampled_path
 
+    write_clustered_embeddings(w, n, BLOCK, 2000, seed)
     rng = np.random.default_rng(seed)
-    write_clustered_embeddings(w, n, BLOCK, 2000, rng)
     sample = np.sort(rng.choice(n, size=min(ntrain, n), replace=False))
-    s = arrays.create(sampled_path(w), sample.shape, np.int64, 1 << 20)
-    s[:] = sample
-    mark_stage_done(w, "embed", {})
+    target = ZarrTarget.create(str(w), "db-sampled", sampled_path(w), sample.shape, np.int64, 1 << 20)
+    for b in range(target.n_blocks):
+        target.write_block(b, sample[b << 20 : (b + 1) << 20])
     config = BuildConfig(ChunkConfig(DataBlend((1.0,), ("/synthetic",)), block_size=BLOCK),
                          index=IndexConfig(index_str=index_str, ntrain=ntrain), query=QueryConfig())
     atomic_write_bytes(config_path(w), config.to_json().encode())
@@ -67,17 +67,18 @@ def run_stage(w: Path, task: str, workers: int, threads: int, on_disk: bool = Fa
     code = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
-from retro_dask.build import recorded_config, run_stage
-from retro_dask.cluster import open_client
-from retro_dask.config import RunOptions, IndexConfig, BuildConfig
-from retro_dask.runner import Runner
+from retro_dask.build import recorded_config
+from retro_dask.config import BuildConfig, IndexConfig, RunOptions
+from retro_dask.engine.cluster import open_client
+from retro_dask.engine.executor import Executor
+from retro_dask.stages.registry import run_stage
 def main():
     w = {str(w)!r}
     config = recorded_config(w)
     config = BuildConfig(config.chunk, config.embed, IndexConfig(**{{**config.index.__dict__, "on_disk": {on_disk}}}), config.query)
     options = RunOptions(n_workers={workers}, threads_per_worker={threads}, dashboard_address="127.0.0.1:0", progress=False)
     with open_client(options, w, log=lambda m: None) as client:
-        stats = run_stage({task!r}, Runner(w, client, progress=False, log=lambda m: None), config, options, print)
+        stats = run_stage({task!r}, Executor(w, client, progress=False, log=lambda m: None), config, print)
     print("STATS" + json.dumps(stats))
 if __name__ == "__main__":
     main()
@@ -91,18 +92,17 @@ def baseline_add(w: Path, tag: str, threads: int) -> dict:
 import json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
-from retro_dask import arrays
-from retro_dask.faiss_util import faiss
-from retro_dask.runner import peak_rss_mb
-from retro_dask.index import read_index_file
-from retro_dask.workdir import embeddings_path, trained_index_path
+from retro_dask.engine.process_env import peak_rss_mb
+from retro_dask.formats import zarr_blocks
+from retro_dask.formats.faiss_index import faiss, read_index_file
+from retro_dask.formats.workdir import embeddings_path, trained_index_path
 w, tag = {str(w)!r}, {tag!r}
 t0 = time.perf_counter()
 f = faiss(); f.omp_set_num_threads({threads})
 index = read_index_file(trained_index_path(w, tag))
-emb = arrays.open_read(embeddings_path(w)); B = emb.chunks[0]
+emb = zarr_blocks.open_format(embeddings_path(w)); B = emb.block_rows
 for lo in range(0, emb.shape[0], B):
-    x = np.ascontiguousarray(emb[lo : lo + B], dtype=np.float32)
+    x = np.ascontiguousarray(zarr_blocks.read_rows(embeddings_path(w), lo, lo + B), dtype=np.float32)
     index.add_with_ids(x, np.arange(lo, lo + len(x), dtype=np.int64))
 t_add = time.perf_counter()
 f.write_index(index, os.path.join(w, "baseline.faissindex"))
@@ -115,14 +115,14 @@ print("STATS" + json.dumps({{"seconds": time.perf_counter() - t0, "add_seconds":
 
 
 def reset_add(w: Path, tag: str) -> None:
-    from retro_dask.workdir import clear_stage_done, index_dir
+    from retro_dask.formats.ledger import Ledger
+    from retro_dask.formats.workdir import index_dir
 
     for name in ("added.faissindex", "added.ivfdata"):
         (index_dir(w, tag) / name).unlink(missing_ok=True)
     shutil.rmtree(index_dir(w, tag) / "partials", ignore_errors=True)
-    for folder in (w / ".retro" / "blocks").glob("index-*"):
-        shutil.rmtree(folder)
-    clear_stage_done(w, "index-add")
+    for stage in ("index-encode", "index-add"):
+        Ledger(str(w), stage).clear()
 
 
 def encode_peaks(w: Path) -> str:
@@ -191,10 +191,10 @@ def main() -> None:
             stats = run_stage(w, "index-add", workers, threads, disk)
             print(json.dumps({label: stats}), flush=True)
             rows.append([label, stats["ntotal"], f"{stats['seconds']:.1f}", *ratios(stats["seconds"] if w is big else None),
-                         f"{stats['merge_seconds'] + stats['assemble_seconds']:.1f}", encode_peaks(w),
+                         f"{stats['reduce_seconds']:.1f}", encode_peaks(w),
                          f"{stats['assemble_worker_peak_rss_mb']:.0f}"])
         out = table(rows, ["run", "vectors", "wall s", f"/ baseline ({cores} threads)", "/ baseline (1 thread)",
-                           "merge + assemble s",
+                           "reduce (merge + assemble) s",
                            "encode worker peak MB", "assembly peak MB"])
         print(f"\nindex-add, {args.index_str} on {D}-d vectors, {machine()}\n")
         print(out)

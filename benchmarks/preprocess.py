@@ -43,7 +43,8 @@ from pathlib import Path
 
 def loop_jsonl(path: str, prefix: str, gpt) -> int:
     """Single-process, single-thread reference: jsonl -> indexed dataset; returns tokens."""
-    from retro_dask.indexed_dataset import IndexedDatasetWriter, best_token_dtype
+    from retro_dask.formats.indexed_writer import IndexedDatasetWriter
+    from retro_dask.formats.indexed_dataset import best_token_dtype
 
     n = 0
     with open(path, "rb") as f, IndexedDatasetWriter(prefix, best_token_dtype(gpt.vocab_size)) as writer:
@@ -59,7 +60,8 @@ def loop_jsonl(path: str, prefix: str, gpt) -> int:
 
 def loop_texts(texts: list[str], prefix: str, gpt) -> int:
     """The same loop over texts in memory: encode + EOD + IndexedDatasetWriter only."""
-    from retro_dask.indexed_dataset import IndexedDatasetWriter, best_token_dtype
+    from retro_dask.formats.indexed_writer import IndexedDatasetWriter
+    from retro_dask.formats.indexed_dataset import best_token_dtype
 
     n = 0
     with IndexedDatasetWriter(prefix, best_token_dtype(gpt.vocab_size)) as writer:
@@ -99,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from retro_dask.cluster import open_client
+    from retro_dask.engine.cluster import open_client
     from retro_dask.config import RunOptions
-    from retro_dask.preprocess import preprocess
-    from retro_dask.sample_corpus import iter_sample_documents
-    from retro_dask.tokenizer import get_gpt_tokenizer
+    from retro_dask.stages.preprocess import preprocess
+    from retro_dask.formats.sample_corpus import iter_sample_documents
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
     gpt = get_gpt_tokenizer()
     texts = list(iter_sample_documents())

@@ -9,9 +9,11 @@ chunks would take ten hours here) so that index-train, index-add and
 query-neighbors (``--train-samples`` samples, embedded by the real model) run
 on the full database.
 
-It prints per corpus and stage: wall time, throughput, and the peak RSS of the
-driver and of each worker, so that cost per chunk and memory can be compared
-as the corpus grows (goal: cost linear in the corpus, memory flat).
+It prints per corpus and stage: wall time, throughput, the peak RSS of the
+driver and of each worker, and the largest number of tasks the Dask scheduler
+held at once (the executor submits windows of spans: it must not grow with the
+corpus), so that cost per chunk, memory and graph size can be compared as the
+corpus grows (goal: cost linear in the corpus, memory and tasks flat).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scaling.py [--tokens 330e6]``
 """
@@ -58,21 +60,23 @@ def main() -> None:
             run_cli(w, "query-neighbors")
             db, tr, add, q = (stats(w, s) for s in ("db-build", "index-train", "index-add", "query-neighbors"))
             n = db["n_chunks"]
+            tasks = lambda s: str(s.get("scheduler_tasks_max", "-"))  # noqa: E731
             rows += [
                 [name, "db-build", f"{n:,}", f"{db['seconds']:.1f}", f"{db['n_candidates'] / db['seconds']:,.0f} chunks/s",
-                 f"{db['driver_peak_rss_mb']:.0f}", peaks(db)],
+                 f"{db['driver_peak_rss_mb']:.0f}", peaks(db), tasks(db)],
                 [name, f"index-train ({tr['factory']})", f"{tr.get('n_train', n):,}", f"{tr['seconds']:.1f}", "-",
-                 f"{tr['driver_peak_rss_mb']:.0f}", "-"],
+                 f"{tr['driver_peak_rss_mb']:.0f}", "-", tasks(tr)],
                 [name, "index-add", f"{n:,}", f"{add['seconds']:.1f}", f"{n / add['seconds']:,.0f} vectors/s",
                  f"{add['driver_peak_rss_mb']:.0f}",
-                 f"{peaks(add)} (assembly {add['assemble_worker_peak_rss_mb']:.0f})"],
+                 f"{peaks(add)} (assembly {add['assemble_worker_peak_rss_mb']:.0f})", tasks(add)],
                 [name, f"query-neighbors (nprobe {q['nprobe']})", f"{q['n_query_chunks']:,}", f"{q['seconds']:.1f}",
                  f"{q['n_query_chunks'] / q['seconds']:,.1f} chunks/s", f"{q['driver_peak_rss_mb']:.0f}",
-                 f"{peaks(q)} (anon {peaks(q, 'worker_rss_anon_mb')})"],
+                 f"{peaks(q)} (anon {peaks(q, 'worker_rss_anon_mb')})", tasks(q)],
             ]
             print(json.dumps({name: {"db": db, "add": add, "query": q}}), flush=True)
             shutil.rmtree(w, ignore_errors=True)
-        out = table(rows, ["corpus", "stage", "rows", "seconds", "throughput", "driver peak MB", "worker peak MB"])
+        out = table(rows, ["corpus", "stage", "rows", "seconds", "throughput", "driver peak MB", "worker peak MB",
+                           "scheduler tasks (most at once)"])
         print(f"\nscaling on {machine()}\n")
         print(out)
         if args.record:

@@ -35,29 +35,40 @@ def run_cli(workdir: Path, tasks: str, *extra: str, prefix: str | None = None) -
     return time.perf_counter() - t0
 
 
-def write_clustered_embeddings(workdir: Path, n: int, block: int, n_centers: int, rng: np.random.Generator) -> None:
-    """Write ``n`` clustered 384-d vectors into embeddings.zarr, one block at a time, as the embed stage does."""
-    from retro_dask import arrays
-    from retro_dask.workdir import embeddings_path
+def _clustered_block(seed: int, n_centers: int, block_info=None) -> np.ndarray:
+    (lo, hi), _ = block_info[None]["array-location"]
+    centers = np.random.default_rng([seed, 0]).standard_normal((n_centers, DIM)).astype(np.float32) * 2
+    rng = np.random.default_rng([seed, 1, lo])
+    return centers[rng.integers(0, n_centers, hi - lo)] + rng.standard_normal((hi - lo, DIM), dtype=np.float32)
 
-    centers = rng.standard_normal((n_centers, DIM)).astype(np.float32) * 2
-    arrays.create(embeddings_path(workdir), (n, DIM), np.float32, block, compressed=False)
-    for b in range(-(-n // block)):
-        m = min(block, n - b * block)
-        x = centers[rng.integers(0, len(centers), m)] + rng.standard_normal((m, DIM), dtype=np.float32)
-        arrays.write_block(str(workdir), "embed", embeddings_path(workdir), b, x)
+
+def write_clustered_embeddings(workdir: Path, n: int, block: int, n_centers: int, seed: int) -> None:
+    """Store ``n`` clustered 384-d vectors into embeddings.zarr through the executor, a block at a time,
+    recorded in the ledger as the embed stage records its blocks."""
+    import dask.array as da
+
+    from retro_dask.engine.executor import Executor, StoreJob
+    from retro_dask.engine.targets import ZarrTarget
+    from retro_dask.formats.workdir import embeddings_path
+
+    target = ZarrTarget.create(str(workdir), "embed", embeddings_path(workdir), (n, DIM), np.float32, block,
+                               compressed=False, fill_value=0.0)
+
+    def expression(lo: int, hi: int):
+        return da.map_blocks(_clustered_block, seed + lo, n_centers, chunks=((hi - lo,), (DIM,)), dtype=np.float32)
+
+    Executor(str(workdir), None, progress=False, log=lambda m: None).store(
+        [StoreJob("embed", target, expression)], "synthetic embeddings")
 
 
 def store_synthetic_embeddings(workdir: Path, seed: int = 0) -> float:
     """Fill embeddings.zarr with clustered vectors, one block at a time, as the embed stage would."""
-    from retro_dask import arrays
-    from retro_dask.workdir import chunks_path, mark_stage_done
+    from retro_dask.formats import zarr_blocks
+    from retro_dask.formats.workdir import chunks_path
 
     t0 = time.perf_counter()
-    chunks = arrays.open_read(chunks_path(workdir))
-    n, B = chunks.shape[0], chunks.chunks[0]
-    write_clustered_embeddings(workdir, n, B, 4096, np.random.default_rng(seed))
-    mark_stage_done(workdir, "embed", {"n_chunks": n, "dim": DIM, "synthetic": True})
+    fmt = zarr_blocks.open_format(chunks_path(workdir))
+    write_clustered_embeddings(workdir, fmt.shape[0], fmt.block_rows, 4096, seed)
     return time.perf_counter() - t0
 
 

@@ -16,36 +16,16 @@ from typing import Any, Callable
 
 from .config import BuildConfig, RunOptions, check_same_config
 from .errors import InputError, RetroError
-from .workdir import (
+from .formats.workdir import (
     WorkdirLock,
+    atomic_write_bytes,
+    check_is_workdir_or_new,
     check_writable,
     config_path,
     read_json,
     remove_leftover_temporaries,
-    atomic_write_bytes,
 )
-
-STAGES = ("db-build", "embed", "index-train", "index-add", "query-neighbors", "verify")
-GROUPS = {
-    "build": ("db-build", "embed", "index-train", "index-add", "query-neighbors"),
-    "index-build": ("embed", "index-train", "index-add"),
-}
-
-
-def expand_tasks(tasks: str | list[str]) -> list[str]:
-    """``"build,verify"`` -> the stages to run, in pipeline order."""
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    if not names:
-        raise InputError("--tasks is empty: give for example --tasks build")
-    wanted: set[str] = set()
-    for name in names:
-        if name in GROUPS:
-            wanted.update(GROUPS[name])
-        elif name in STAGES:
-            wanted.add(name)
-        else:
-            raise InputError(f"--tasks {name!r} is not a task: choose from {', '.join(list(GROUPS) + list(STAGES))}")
-    return [s for s in STAGES if s in wanted]
+from .stages.registry import expand_tasks, run_stage
 
 
 def recorded_config(workdir: str | Path) -> BuildConfig | None:
@@ -58,28 +38,21 @@ def recorded_config(workdir: str | Path) -> BuildConfig | None:
         raise RetroError(f"{path} is not a retro-dask config ({exc}); use another --workdir") from None
 
 
-def index_plan_for(config: BuildConfig, n_chunks: int):
-    from .embed import embedding_dim
-    from .index_plan import plan_index
-
-    c = config.index
-    return plan_index(c.index_str, c.metric, n_chunks, embedding_dim(config.embed.bert_model), c.memory, c.ntrain)
-
-
 def validate_inputs(config: BuildConfig, stages: list[str]) -> dict[str, Any]:
     """Every check on the inputs that can be made before writing anything."""
-    from .db import dataset_facts, gpt_spec, plan_candidates
-    from .embed import check_bert_dir, embedding_dim
-    from .index_plan import training_problem
-    from .tokenizer import get_gpt_tokenizer
+    from .formats.indexed_dataset import open_dataset
+    from .plan.index import training_problem
+    from .plan.samples import check_splits_can_fill
+    from .stages.db_candidates import dataset_facts, plan_candidates
+    from .stages.index import plan_for
+    from .text.embedder import check_bert_dir, embedding_dim
+    from .text.gpt import get_gpt_tokenizer
 
     facts = dataset_facts(config)
-    gpt = get_gpt_tokenizer(gpt_spec(config))
+    gpt = get_gpt_tokenizer(config.chunk.gpt_spec())
     check_bert_dir(config.embed.bert_model)
     dim = embedding_dim(config.embed.bert_model)
     for f in facts:
-        from .db import open_dataset
-
         ds = open_dataset(f.prefix)
         if ds.dtype.kind not in "iu":
             raise InputError(f"{f.prefix}.bin holds {ds.dtype} values, not tokens: give a GPT-tokenized dataset "
@@ -87,19 +60,17 @@ def validate_inputs(config: BuildConfig, stages: list[str]) -> dict[str, Any]:
     # Upper bound on the database size from the sizes alone; the exact count
     # (after dropping chunks without BERT tokens) comes from db-build.
     n_candidates = plan_candidates(config, facts).n_candidates
-    plan = index_plan_for(config, max(n_candidates, 1))
+    plan = plan_for(config, max(n_candidates, 1))
     check_index_string(plan.factory, dim)
     problem = training_problem(plan, n_candidates)
     if problem:
         raise InputError(problem)
-    from .samples import check_splits_can_fill
-
-    check_splits_can_fill(config, facts)
+    check_splits_can_fill(config, facts, [open_dataset(f.prefix).scanned_sizes() for f in facts])
     return {"facts": facts, "gpt": gpt, "dim": dim, "n_candidates": n_candidates}
 
 
 def check_index_string(factory: str, dim: int) -> None:
-    from .faiss_util import faiss
+    from .formats.faiss_index import faiss
 
     try:
         index = faiss().index_factory(dim, factory)
@@ -109,7 +80,7 @@ def check_index_string(factory: str, dim: int) -> None:
             f"Faiss rejects the index string {factory!r} for {dim}-d embeddings: {msg}. Give a valid "
             "index_factory string (e.g. IVF1024,Flat or OPQ32_128,IVF4096_HNSW32,PQ32) or --index-str auto"
         ) from None
-    from .index import check_supported
+    from .stages.index import check_supported
 
     check_supported(index, factory)
 
@@ -133,6 +104,7 @@ def run_build(
     workdir = os.path.abspath(workdir)
     stages = expand_tasks(tasks)
     existed = os.path.exists(workdir)
+    check_is_workdir_or_new(workdir)
     recorded = recorded_config(workdir)
     if recorded is not None:
         check_same_config(recorded, config, str(config_path(workdir)))
@@ -147,15 +119,19 @@ def run_build(
         if removed:
             log(f"removed {removed} temporary files left by an interrupted run")
         summary = BuildSummary(workdir, stages)
-        from .cluster import open_client
-        from .runner import Runner
+        from .engine.cluster import open_client
+        from .engine.executor import Executor
 
         with open_client(options, workdir, log=log) as client:
-            runner = Runner(workdir, client, progress=options.progress, log=log,
-                            embed_batch_size=options.embed_batch_size)
+            ex = Executor(workdir, client, progress=options.progress, log=log, embed_batch_size=options.embed_batch_size)
             for stage in stages:
                 log(f"== {stage}")
-                summary.stats[stage] = run_stage(stage, runner, config, options, log)
+                if stage == "verify":
+                    from .stages.verify import verify_workdir
+
+                    summary.stats[stage] = verify_workdir(ex, config, options.verify_fraction, log=log)
+                else:
+                    summary.stats[stage] = run_stage(stage, ex, config, log)
         summary.seconds = time.perf_counter() - t0
         return summary
     except BaseException:
@@ -168,31 +144,3 @@ def run_build(
         raise
     finally:
         lock.release()
-
-
-def run_stage(stage: str, runner, config: BuildConfig, options: RunOptions, log) -> dict[str, Any]:
-    if stage == "db-build":
-        from .db import build_db
-
-        return build_db(runner, config, lambda n: index_plan_for(config, n).ntrain, log=log)
-    if stage == "embed":
-        from .embed import build_embeddings
-
-        return build_embeddings(runner, config, log=log)
-    if stage == "index-train":
-        from .index import train_index
-
-        return train_index(runner, config, log=log)
-    if stage == "index-add":
-        from .index import add_to_index
-
-        return add_to_index(runner, config, log=log)
-    if stage == "query-neighbors":
-        from .query import query_all_splits
-
-        return query_all_splits(runner, config, log=log)
-    if stage == "verify":
-        from .verify import verify_workdir
-
-        return verify_workdir(runner, config, options.verify_fraction, log=log)
-    raise InputError(f"unknown stage {stage!r}")

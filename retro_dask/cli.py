@@ -30,7 +30,7 @@ from .config import (
     parse_bytes,
 )
 from .errors import InputError, RetroError
-from .plan import parse_split
+from .plan.chunks import parse_split
 
 
 def _int_or_none(v: str) -> int | None:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
               "  preprocess  turn jsonl (or the sample corpus) into a Megatron indexed dataset", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "preprocess":
-        from .preprocess import preprocess_main
+        from .stages.preprocess import preprocess_main
 
         return preprocess_main(argv[1:])
     return build_main(argv[1:])

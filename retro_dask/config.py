@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import ConfigMismatchError, InputError
-from .plan import SPLIT_NAMES, parse_split
+from .plan.chunks import SPLIT_NAMES, parse_split
+from .text.bert import BertTokenizerSpec
+from .text.gpt import GPTTokenizerSpec
 
 CONFIG_VERSION = 1
 DEFAULT_BLOCK_SIZE = 1024
@@ -116,6 +118,10 @@ class ChunkConfig:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise InputError(f"--block-size {self.block_size!r} must be a positive integer number of chunks")
 
+    def gpt_spec(self) -> GPTTokenizerSpec:
+        return GPTTokenizerSpec(vocab_file=self.gpt_vocab_file, merge_file=self.gpt_merge_file,
+                                tokenizer_json=self.gpt_tokenizer_json)
+
 
 @dataclass(frozen=True)
 class EmbedConfig:
@@ -133,6 +139,9 @@ class EmbedConfig:
             raise InputError(f"--store-dtype {self.store_dtype!r}: choose one of {', '.join(STORE_DTYPES)}")
         if not isinstance(self.max_chunk_length, int) or self.max_chunk_length < 3:
             raise InputError(f"--bert-max-chunk-length {self.max_chunk_length!r} must be an integer of at least 3")
+
+    def bert_spec(self) -> BertTokenizerSpec:
+        return BertTokenizerSpec(model_dir=self.bert_model)
 
 
 @dataclass(frozen=True)

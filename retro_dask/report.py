@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .workdir import stats_dir
+from .formats.workdir import stats_dir
 
 
 def _fmt_rate(stats: dict[str, Any]) -> str:

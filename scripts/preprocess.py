@@ -3,7 +3,7 @@
 
 import sys
 
-from retro_dask.preprocess import preprocess_main
+from retro_dask.stages.preprocess import preprocess_main
 
 if __name__ == "__main__":
     sys.exit(preprocess_main())

@@ -21,20 +21,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def gpt():
-    from retro_dask.tokenizer import get_gpt_tokenizer
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
     return get_gpt_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def sample_texts():
-    from retro_dask.sample_corpus import iter_sample_documents
+    from retro_dask.formats.sample_corpus import iter_sample_documents
 
     return list(iter_sample_documents())
 
 
 def write_corpus(prefix: Path, texts, gpt) -> str:
-    from retro_dask.indexed_dataset import write_indexed_dataset
+    from retro_dask.formats.indexed_writer import write_indexed_dataset
 
     docs = [np.asarray(ids + [gpt.eod], dtype=np.uint16) for ids in gpt.encode_batch(list(texts))]
     write_indexed_dataset(str(prefix), docs, np.uint16)
@@ -65,7 +65,7 @@ def tiny_bert(tmp_path_factory) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from retro_dask.tokenizer import default_bert_dir
+    from retro_dask.text.bert import default_bert_dir
 
     out = tmp_path_factory.mktemp("tiny_bert")
     src = Path(default_bert_dir())

@@ -82,8 +82,9 @@ def _file_hash(path: Path, replace: dict[str, str]) -> str:
 
 
 def content_hashes(workdir: Path, replace: dict[str, str]) -> dict[str, str]:
-    """sha256 of every output's contents: Zarr arrays by value, .npy by value, JSON with paths replaced,
-    other files (Faiss indexes) by bytes. Stats and the pipeline's own state are left out."""
+    """sha256 of every output's contents: Zarr arrays by value, .npy by value, JSON with paths replaced
+    (in the order of ``replace``), other files (Faiss indexes) by bytes. Stats and the pipeline's own
+    state are left out."""
     workdir = Path(workdir)
     out = {}
     for p in sorted(workdir.rglob("*")):
@@ -102,8 +103,8 @@ def make_inputs(folder: Path) -> tuple[str, str]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import write_corpus  # noqa: E402
 
-    from retro_dask.sample_corpus import iter_sample_documents
-    from retro_dask.tokenizer import get_gpt_tokenizer
+    from retro_dask.formats.sample_corpus import iter_sample_documents
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
     texts = list(iter_sample_documents())[:N_DOCS]
     corpus = write_corpus(folder / "wiki400", texts, get_gpt_tokenizer())
@@ -118,7 +119,7 @@ def make_tiny_bert(out: Path) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from retro_dask.tokenizer import default_bert_dir
+    from retro_dask.text.bert import default_bert_dir
 
     src = Path(default_bert_dir())
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
@@ -135,7 +136,7 @@ def reference_build(folder: Path, corpus: str, bert: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build.py"), *build_flags(w, corpus, bert)],
                    check=True, capture_output=True, text=True, env=env)
-    return content_hashes(w, {str(Path(corpus).parent): "CORPUS", bert: "BERT"})
+    return content_hashes(w, {bert: "BERT", str(Path(corpus).parent): "CORPUS"})
 
 
 def main() -> None:

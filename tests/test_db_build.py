@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from retro_dask.build import run_build
 from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, IndexConfig, QueryConfig, RunOptions
-from retro_dask.indexed_dataset import IndexedDataset, write_indexed_dataset
-from retro_dask.plan import split_document_ranges
-from retro_dask.tokenizer import get_bert_tokenizer
+from retro_dask.formats.indexed_dataset import IndexedDataset
+from retro_dask.formats.indexed_writer import write_indexed_dataset
+from retro_dask.plan.chunks import split_document_ranges
+from retro_dask.text.bert import get_bert_tokenizer
 
 from conftest import tree_bytes
 
@@ -29,7 +30,7 @@ def db_config(prefixes, weights=None, block_size=64, chunk_length=64, split="98,
 
 def brute_force_chunks(prefixes, split, chunk_length, eod):
     """Chunk every training document by hand; keep chunks whose text has a BERT token."""
-    from retro_dask.tokenizer import get_gpt_tokenizer
+    from retro_dask.text.gpt import get_gpt_tokenizer
 
     gpt, bert = get_gpt_tokenizer(), get_bert_tokenizer()
     rows = []
@@ -155,44 +156,69 @@ def test_rerun_skips_finished_blocks(tmp_path, small_corpus_prefix):
     assert tree_bytes(tmp_path / "w") == before
 
 
-def test_candidate_boundaries_are_a_lazy_array_that_reads_no_token(tmp_path, small_corpus_prefix, second_corpus_prefix,
-                                                                   monkeypatch):
+def test_stage_arrays_are_lazy_arrays_whose_rows_are_the_stored_rows(tmp_path, small_corpus_prefix,
+                                                                      second_corpus_prefix, monkeypatch):
+    """The length pass and the compaction are Dask arrays (a Dask chunk may span several Zarr chunks);
+    computed, they are candidates.zarr and chunks.zarr row for row. The boundaries alone come from the
+    .idx sizes: planning them reads no token."""
     import dask.array as da
 
-    from retro_dask.db import lazy_candidate_boundaries
-    from retro_dask.indexed_dataset import IndexedDataset
+    from retro_dask.engine.executor import Executor
+    from retro_dask.formats import zarr_blocks
+    from retro_dask.formats.indexed_dataset import IndexedDataset, open_dataset
+    from retro_dask.formats.workdir import candidates_path, chunks_path
+    from retro_dask.plan.chunks import candidate_block
+    from retro_dask.stages.db import candidate_counts, chunks_job, db_jobs
+    from retro_dask.stages.db_candidates import candidate_job, candidates
 
     config = db_config([small_corpus_prefix, second_corpus_prefix], block_size=100)
-    run_build(tmp_path / "w", config, SYNC, "db-build", log=lambda m: None)
-    stored = zarr.open_array(str(tmp_path / "w" / "db" / "candidates.zarr"), mode="r")[:]
+    w = tmp_path / "w"
+    run_build(w, config, SYNC, "db-build", log=lambda m: None)
+    ex = Executor(str(w), None, progress=False, log=lambda m: None)
+    facts, plan, job = db_jobs(ex, config)
+    stored = zarr.open_array(str(candidates_path(w)), mode="r")[:]
+    # Irregular Dask chunks of 1, 2 and the remaining candidate blocks.
+    b = plan.block_size
+    assert plan.n_blocks >= 4
+    chunks = (b, 2 * b, plan.n_candidates - 3 * b)
+    lazy = candidates(candidate_job(config, facts), plan, 0, plan.n_candidates, chunks)
+    assert isinstance(lazy, da.Array) and lazy.chunks[0] == chunks
+    np.testing.assert_array_equal(lazy.compute(scheduler="synchronous"), stored)
+    chunk_job = chunks_job(ex, config, candidate_counts(ex, plan.n_candidates, len(facts)))
+    stored_chunks = zarr.open_array(str(chunks_path(w)), mode="r")[:]
+    for blocks in ([0], [1, 2, 3], list(range(4, chunk_job.target.n_blocks))):
+        lo, hi = chunk_job.rows(blocks)
+        np.testing.assert_array_equal(chunk_job.expression(lo, hi).compute(scheduler="synchronous"),
+                                      stored_chunks[lo:hi])
+    np.testing.assert_array_equal(zarr_blocks.lazy_rows(chunks_path(w), 0, len(stored_chunks)).compute(), stored_chunks)
 
     def no_tokens(*args, **kwargs):
         raise AssertionError("a token was read")
 
     monkeypatch.setattr(IndexedDataset, "get", no_tokens)
     monkeypatch.setattr(IndexedDataset, "__getitem__", no_tokens)
-    lazy = lazy_candidate_boundaries(config)
-    assert isinstance(lazy, da.Array) and lazy.chunks[0][0] == 100
-    boundaries = lazy.compute(scheduler="synchronous")
+    sizes_of = [open_dataset(f.prefix).sizes for f in facts]
+    boundaries = np.concatenate([candidate_block(sizes_of, [f.train for f in facts], plan.starts[k],
+                                                 min(b, plan.n_candidates - k * b), 64) for k in range(plan.n_blocks)])
     # Same chunks as db-build's candidates; their ends differ only where a trailing EOD was trimmed.
     np.testing.assert_array_equal(boundaries[:, :3], stored[:, :3])
     trimmed = boundaries[:, 3] != stored[:, 3]
     assert np.all(boundaries[trimmed, 3] == stored[trimmed, 3] + 1)
 
 
-def test_guided_spans_cover_every_block_once_in_order():
-    """Short block tasks run several to a Dask task on a cluster; spans shrink to single blocks at the end."""
-    from retro_dask.runner import MAX_SPAN, guided_spans
+def test_spans_are_runs_of_consecutive_missing_blocks():
+    """Short block tasks run several to a Dask task; a span never crosses a finished block, and spans
+    shrink to single blocks at the end."""
+    from retro_dask.plan.blocks import spans
 
     for blocks, threads in [(list(range(334)), 2), (list(range(21)), 2), ([0, 3, 4, 9, 10, 11], 1), ([], 4),
-                            (list(range(5000)), 16)]:
-        spans = guided_spans(blocks, threads)
-        assert [b for s in spans for b in s] == blocks
-        assert all(1 <= len(s) <= MAX_SPAN for s in spans)
-        assert [len(s) for s in spans] == sorted((len(s) for s in spans), reverse=True)
+                            (list(range(5000)), 16), ([1, 2, 5, 6, 7, 8, 20], 1)]:
+        out = spans(blocks, threads, 16)
+        assert [b for s in out for b in s] == blocks
+        assert all(1 <= len(s) <= 16 and s == list(range(s[0], s[0] + len(s))) for s in out)
         if blocks:
-            assert len(spans[-1]) == 1
-    assert len(guided_spans(list(range(334)), 2)) < 334 / 8
+            assert len(out[-1]) == 1
+    assert len(spans(list(range(334)), 2, 16)) < 334 / 8
 
 
 def test_progress_counts_blocks_not_tasks(tmp_path, small_corpus_prefix, capsys):
@@ -209,54 +235,12 @@ def test_progress_counts_blocks_not_tasks(tmp_path, small_corpus_prefix, capsys)
     assert not re.search(r"BERT lengths: \d+block", err)  # tqdm's form once the count passes the total
 
 
-def test_reopened_arrays_follow_their_zarr_json(tmp_path):
-    """A process reuses its opened arrays, but never one whose zarr.json was replaced or rewritten."""
-    from retro_dask import arrays
-
-    path = tmp_path / "a.zarr"
-    arrays.create(path, (10, 2), np.int64, 4)
-    assert arrays.open_read(path) is arrays.open_read(path)  # reused while unchanged
-    assert arrays.open_read(path).shape == (10, 2)
-    arrays.create(path, (20, 2), np.int64, 8)  # another layout: created anew
-    assert arrays.open_read(path).shape == (20, 2) and arrays.open_read(path).chunks == (8, 2)
-    arrays.create(path, (20, 2), np.int64, 8, attributes={"k": 1})  # same layout, new attributes
-    assert arrays.open_read(path).attrs["k"] == 1
-    arrays.write_block(str(tmp_path), "t", path, 1, np.ones((8, 2), np.int64))
-    assert arrays.open_read(path)[8:16].tolist() == [[1, 1]] * 8
-
-
-def test_block_files_are_the_bytes_zarr_writes(tmp_path):
-    """write_block encodes chunk files itself: the same bytes as Zarr's own write, the edge chunk
-    included; read_rows decodes them (and unwritten chunks as the fill value) as Zarr reads them."""
-    from retro_dask import arrays
-
-    rng = np.random.default_rng(0)
-    for dtype, compressed in ((np.int64, True), (np.float32, False), (np.float16, False)):
-        ours, theirs = tmp_path / f"ours-{dtype.__name__}.zarr", tmp_path / f"zarr-{dtype.__name__}.zarr"
-        n, rows = 10, 4
-        data = (rng.standard_normal((n, 3)) * 1000).astype(dtype)
-        arrays.create(ours, (n, 3), dtype, rows, compressed=compressed, fill_value=7)
-        reference = arrays.create(theirs, (n, 3), dtype, rows, compressed=compressed, fill_value=7)
-        assert arrays.chunk_format(arrays.open_write(ours)) is not None
-        for block in (0, 2):  # block 2 is the edge chunk (2 of 4 rows); block 1 stays unwritten
-            lo, hi = block * rows, min(n, block * rows + rows)
-            arrays.write_block(str(tmp_path), "t", ours, block, data[lo:hi])
-            reference[lo:hi] = data[lo:hi]
-            assert (ours / "c" / str(block) / "0").read_bytes() == (theirs / "c" / str(block) / "0").read_bytes()
-        expected = zarr.open_array(str(theirs))[:]
-        assert np.array_equal(zarr.open_array(str(ours))[:], expected)
-        for lo, hi in ((0, n), (3, 9), (4, 8), (9, 10)):
-            got = arrays.read_rows(ours, lo, hi)
-            assert got.dtype == np.dtype(dtype) and np.array_equal(got, expected[lo:hi])
-            assert got.flags.writeable  # as Zarr's reads are
-
-
 def test_peak_rss_is_the_process_own(tmp_path):
     """A process started by a large one reports its own peak, not its parent's (ru_maxrss carries it over exec)."""
     import subprocess
     import sys
 
-    code = ("import json, sys\nimport numpy as np\nfrom retro_dask.runner import peak_rss_mb\n"
+    code = ("import json, sys\nimport numpy as np\nfrom retro_dask.engine.process_env import peak_rss_mb\n"
             "if sys.argv[1] == 'parent':\n"
             "    held = np.ones(300 * 2**20 // 8)  # 300 MiB, touched\n"
             "    out = __import__('subprocess').run([sys.executable, '-c', sys.argv[2], 'child', ''],\n"

@@ -49,10 +49,74 @@ def test_workdir_contract(built_workdir):
     assert embed_stats["seconds"] > 0 and embed_stats["worker_peak_rss_mb"]
 
 
+def test_every_workdir_array_opens_with_dask_from_zarr(built_workdir):
+    """Any Zarr v3 reader reads the workdir: dask.array.from_zarr gives every array, equal to zarr's read."""
+    import dask.array as da
+
+    found = sorted(built_workdir.rglob("*.zarr"))
+    assert {p.relative_to(built_workdir).as_posix() for p in found} >= {
+        "db/chunks.zarr", "db/candidates.zarr", "db/sampled.zarr", "db/embeddings.zarr",
+        "query/train/neighbors.zarr", "query/valid/neighbors.zarr", "query/test/neighbors.zarr"}
+    for path in found:
+        lazy = da.from_zarr(str(path))
+        stored = zarr.open_array(str(path), mode="r")
+        assert lazy.shape == stored.shape and lazy.dtype == stored.dtype
+        np.testing.assert_array_equal(lazy.compute(scheduler="synchronous"), stored[:])
+
+
+def test_open_workdir_gives_lazy_arrays_and_embed_recomputes_them(built_workdir):
+    """The notebook API: the workdir's arrays as Dask arrays; embed() of a slice of the chunks is the
+    embed stage's map_blocks, equal to the stored embeddings."""
+    import dask.array as da
+
+    import retro_dask as rd
+
+    w = rd.open_workdir(built_workdir)
+    assert all(isinstance(a, da.Array) for a in (w.chunks, w.embeddings, w.sampled, *w.neighbors.values()))
+    assert set(w.neighbors) == {"train", "valid", "test"}
+    assert w.chunks.shape[0] == w.embeddings.shape[0] and w.chunks.dtype == np.int64
+    lazy = rd.embed(w.chunks[100:400])
+    assert isinstance(lazy, da.Array) and lazy.shape == (300, 32)
+    assert any(name.startswith("embed-") for name in lazy.dask.layers)  # the stage's own map_blocks
+    got, want = lazy.compute(), w.embeddings[100:400].compute()
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.9999, cos.min()
+    texts = w.chunk_texts(w.chunks[100:102])
+    np.testing.assert_allclose(rd.embed(texts, workdir=w).compute(), want[:2], rtol=1e-4, atol=1e-5)
+
+
+def test_embed_runs_on_the_users_own_client(built_workdir):
+    """A notebook's own distributed.Client computes the lazy embeddings (the model loaded in its workers)."""
+    from distributed import Client, LocalCluster
+
+    import retro_dask as rd
+
+    w = rd.open_workdir(built_workdir)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        got = rd.embed(w.chunks[:300]).compute()
+        assert client.run(lambda: __import__("sys").modules.get("retro_dask.text.embedder") is not None)
+        assert list(client.run(lambda: True).values()) == [True]
+    want = w.embeddings[:300].compute()
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.9999
+
+
+def test_a_folder_that_holds_something_else_is_refused(tmp_path, small_corpus_prefix, tiny_bert):
+    """A non-empty folder that is no workdir is never written into."""
+    folder = tmp_path / "home"
+    (folder / "usr" / "bin").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    proc = run_build(build_args(folder, small_corpus_prefix, tiny_bert, "--cluster", "synchronous"), check=False)
+    assert proc.returncode == 2 and "is not empty and holds no retro-dask workdir" in proc.stderr
+    assert "notes.txt, usr" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "usr"]
+
+
 def test_no_neighbor_from_its_own_sample(built_workdir):
     """Checked over every row of every split."""
-    from retro_dask.db import doc_key
-    from retro_dask.samples import Samples
+    from retro_dask.plan.chunks import doc_key
+    from retro_dask.formats.sample_maps import Samples
 
     w = built_workdir
     chunks = zarr.open_array(str(w / "db" / "chunks.zarr"), mode="r")[:]
@@ -76,7 +140,7 @@ def test_no_neighbor_from_its_own_sample(built_workdir):
 
 def test_retro_dataset_item(built_workdir):
     from retro_dask import RetroDataset
-    from retro_dask.samples import Samples
+    from retro_dask.formats.sample_maps import Samples
 
     ds = RetroDataset(built_workdir, "train", num_neighbors=2, num_retrieved_chunks=2)
     item = ds[3]
@@ -146,7 +210,7 @@ def test_workers_of_a_dask_scheduler_get_the_allocator_settings(tmp_path):
     """The build's worker plugin tunes glibc in workers it did not start (RESULTS.md note 21):
     `dask worker` starts them with Dask's MALLOC_TRIM_THRESHOLD_, and 50 buffers of 1 MiB
     then fault ~12,800 pages in."""
-    from retro_dask.cluster import open_client
+    from retro_dask.engine.cluster import open_client
     from retro_dask.config import RunOptions
 
     # The worker can import conftest, for the probe.
@@ -207,3 +271,8 @@ def test_example_notebook_runs_top_to_bottom(built_workdir, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "examples")}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "neighbour 0: chunk" in outputs
+    # The lazy API: embed() of the workdir's chunks gives back its stored embeddings.
+    import re
+
+    lowest = float(re.search(r"lowest cosine to the stored embeddings: ([0-9.]+)", outputs).group(1))
+    assert lowest >= 0.9999, outputs

@@ -47,7 +47,7 @@ def sample_embeddings(tmp_path_factory, sample_texts, gpt):
 
 def test_embeddings_match_transformers(sample_embeddings):
     from retro_dask import inspect as retro
-    from retro_dask.tokenizer import default_bert_dir
+    from retro_dask.text.bert import default_bert_dir
 
     w = sample_embeddings
     retro.init(str(w), quiet=True)
@@ -73,7 +73,7 @@ def test_bf16_and_float16_storage(tmp_path, small_corpus_prefix, tiny_bert, samp
 
 def test_results_in_row_order_whatever_the_batching():
     """Length-sorted batching must give back rows in input order."""
-    from retro_dask.embed import get_embedder
+    from retro_dask.text.embedder import get_embedder
 
     embedder = get_embedder(EmbedConfig())
     texts = ["a much longer text about the history of the Roman empire and its emperors " * 3, "short", "medium text"]
@@ -83,7 +83,7 @@ def test_results_in_row_order_whatever_the_batching():
 
 
 def test_embed_texts_for_notebooks():
-    from retro_dask.embed import embed_texts
+    from retro_dask.text.embedder import embed_texts
 
     x = embed_texts(["The cat sat on the mat.", "A cat was sitting on a mat.", "Stock markets fell sharply."])
     assert x.shape == (3, 384)
@@ -97,7 +97,7 @@ def test_embedded_cluster_starts_workers_with_the_model_environment(tmp_path):
     import os
 
     from conftest import page_faults_of_large_buffers
-    from retro_dask.cluster import open_client
+    from retro_dask.engine.cluster import open_client
     from retro_dask.config import RunOptions
 
     options = RunOptions(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0", progress=False)
@@ -130,7 +130,7 @@ KERNEL_CACHE_PROBE = r"""
 import json, os
 import numpy as np
 from retro_dask.config import EmbedConfig
-from retro_dask.embed import Embedder
+from retro_dask.text.embedder import Embedder
 
 def rss_mb():
     with open("/proc/self/status") as f:
@@ -205,7 +205,7 @@ def test_bert_encoder_matches_transformers(tmp_path, hidden_act, with_heads):
     """The embed stage's own BERT forward pass gives BertModel's hidden states on every real token."""
     from transformers import BertModel
 
-    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
+    from retro_dask.text.bert_encoder import BertEncoder, load_bert_encoder
 
     folder = save_tiny_bert(tmp_path / "bert", hidden_act, with_heads)
     reference = BertModel.from_pretrained(folder, add_pooling_layer=False, attn_implementation="sdpa").eval()
@@ -224,8 +224,8 @@ def test_the_default_model_runs_on_the_own_encoder_exactly(sample_texts):
     """all-MiniLM-L6-v2: the same numbers as BertModel in fp32, and close in bf16."""
     from transformers import BertModel
 
-    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
-    from retro_dask.tokenizer import default_bert_dir, get_bert_tokenizer
+    from retro_dask.text.bert_encoder import BertEncoder, load_bert_encoder
+    from retro_dask.text.bert import default_bert_dir, get_bert_tokenizer
 
     ids_list = get_bert_tokenizer().encode_for_model([t[:400] for t in sample_texts[:8]], 256)
     lengths = [len(x) for x in ids_list]
@@ -248,10 +248,10 @@ def test_an_unsupported_checkpoint_runs_on_transformers(tmp_path, caplog):
     """An activation the own encoder does not have: transformers' BertModel runs it, with the same results."""
     from transformers import BertModel
 
-    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
+    from retro_dask.text.bert_encoder import BertEncoder, load_bert_encoder
 
     folder = save_tiny_bert(tmp_path / "bert", hidden_act="quick_gelu")
-    with caplog.at_level("WARNING", logger="retro_dask.bert_encoder"):
+    with caplog.at_level("WARNING", logger="retro_dask.text.bert_encoder"):
         encoder = load_bert_encoder(folder, torch.device("cpu"), torch.float32)
     assert not isinstance(encoder, BertEncoder)
     assert "hidden_act 'quick_gelu'" in caplog.text
@@ -269,7 +269,7 @@ def test_the_embedder_does_not_import_transformers():
     import subprocess
     import sys
 
-    code = ("import sys; from retro_dask.embed import embed_texts; v = embed_texts(['Paris is in France.']); "
+    code = ("import sys; from retro_dask.text.embedder import embed_texts; v = embed_texts(['Paris is in France.']); "
             "print(v.shape, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -280,7 +280,7 @@ def test_a_checkpoint_with_other_weight_names_runs_on_transformers(tmp_path, cap
     """Old checkpoints name layer norms gamma/beta: transformers renames them, the own encoder defers to it."""
     from safetensors.torch import load_file, save_file
 
-    from retro_dask.bert_encoder import BertEncoder, load_bert_encoder
+    from retro_dask.text.bert_encoder import BertEncoder, load_bert_encoder
 
     folder = tmp_path / "bert"
     save_tiny_bert(folder)
@@ -288,7 +288,7 @@ def test_a_checkpoint_with_other_weight_names_runs_on_transformers(tmp_path, cap
     renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
                for k, v in weights.items()}
     save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with caplog.at_level("WARNING", logger="retro_dask.bert_encoder"):
+    with caplog.at_level("WARNING", logger="retro_dask.text.bert_encoder"):
         encoder = load_bert_encoder(str(folder), torch.device("cpu"), torch.float32)
     assert not isinstance(encoder, BertEncoder)
     assert "no weight named 'embeddings.LayerNorm.weight'" in caplog.text
@@ -298,7 +298,7 @@ def test_emulated_half_precision_is_named_when_the_embedder_starts(tiny_bert, ca
     """bf16 on an AVX2-only CPU is emulated (~5x slower than fp32 here): the embedder says so."""
     from pathlib import Path
 
-    from retro_dask.embed import Embedder, native_half_precision
+    from retro_dask.text.embedder import Embedder, native_half_precision
 
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     if "amx_bf16" in flags or "avx512_bf16" in flags:
@@ -308,7 +308,7 @@ def test_emulated_half_precision_is_named_when_the_embedder_starts(tiny_bert, ca
     assert native_half_precision(torch.float32)
     for dtype in ("fp32", "bf16"):
         caplog.clear()
-        with caplog.at_level("WARNING", logger="retro_dask.embed"):
+        with caplog.at_level("WARNING", logger="retro_dask.text.embedder"):
             Embedder(EmbedConfig(bert_model=tiny_bert, embed_dtype=dtype), "cpu", threads=1)
         warned = "has no native bf16 matmul" in caplog.text
         assert warned == (dtype == "bf16" and not native_half_precision(torch.bfloat16)), caplog.text

@@ -19,17 +19,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from retro_dask.errors import InputError
-from retro_dask.indexed_dataset import (
+from retro_dask.formats.indexed_dataset import (
     DTYPE_CODES,
     IndexedDataset,
-    IndexedDatasetWriter,
     best_token_dtype,
     data_path,
     dtype_code,
     exists,
     index_path,
-    write_indexed_dataset,
 )
+from retro_dask.formats.indexed_writer import IndexedDatasetWriter, write_indexed_dataset
 
 MAGIC = b"MMIDIDX\x00\x00"
 # Format characters for each dtype code, written out here rather than taken

@@ -1,15 +1,12 @@
 """Pure planning arithmetic against brute force (no disk, no Dask)."""
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retro_dask import index_plan
-from retro_dask.index_plan import auto_core, default_nprobe, plan_index, reduction_levels, training_problem
-from retro_dask.plan import (
+from retro_dask.plan.index import auto_core, default_nprobe, plan_index, training_problem
+from retro_dask.plan.chunks import (
     apportion,
     candidate_block,
     count_tokens,
@@ -63,7 +60,7 @@ def test_candidate_blocks_equal_brute_force(datasets, chunk_length, block_size):
 
 def test_candidate_plan_scans_sizes_in_windows(monkeypatch):
     # A corpus larger than the scan window plans the same as with one window.
-    import retro_dask.plan as plan_mod
+    import retro_dask.plan.chunks as plan_mod
 
     rng = np.random.default_rng(0)
     sizes = rng.integers(0, 500, size=5000).astype(np.int32)
@@ -180,7 +177,7 @@ def test_rebatch_cuts_the_concatenation_into_equal_arrays(lengths, size):
 
 @given(st.lists(st.integers(0, 300), max_size=60), st.data())
 def test_count_tokens_sums_by_windows(sizes, data):
-    from retro_dask import plan
+    from retro_dask.plan import chunks as plan
 
     a = data.draw(st.integers(0, len(sizes)))
     b = data.draw(st.integers(a, len(sizes)))
@@ -228,29 +225,11 @@ def test_default_nprobe():
     assert default_nprobe(0) == 1
 
 
-@pytest.mark.parametrize("n_partials, partial_bytes, budget, expected", [
-    (21, 1e6, 1 << 30, []),               # few partials: straight to the final assembly
-    (153, 50e6, 1 << 30, []),             # 5M chunks, IVF-Flat 384-d, 32-block encode tasks: no merge
-    (5000, 1.5e6, 1 << 30, [89]),          # merges of ~128 MB bring 5000 under the final fan-in of 256
-    (1250, 1.5e6, 1 << 30, [89]),          # ... and the same merge size for a 4x smaller database
-    (100_000, 1e6, 1 << 30, [391]),        # as many as it takes to get under the fan-in in one level
-    (100_000, 1e7, 1 << 30, [107, 2, 2]),  # the memory budget caps the fan-in of later levels
-    (1000, 1e9, 1 << 30, [2, 2]),          # huge partials: pairwise merges
-])
-def test_reduction_levels(n_partials, partial_bytes, budget, expected):
-    fans = reduction_levels(n_partials, partial_bytes, budget)
-    assert fans == expected
-    n = n_partials
-    for f in fans:
-        n = math.ceil(n / f)
-    assert n <= index_plan.FINAL_FAN_IN
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 300), max_size=300), st.integers(1, 64), st.floats(0, 500),
        st.sampled_from([None, 300, 2000]))
 def test_length_batches_cover_every_item_once(lengths, max_batch, cost, max_tokens):
-    from retro_dask.plan import length_batches
+    from retro_dask.plan.batches import length_batches
 
     batches = length_batches(np.array(lengths, dtype=np.int64), max_batch, cost, max_tokens)
     flat = np.concatenate(batches) if batches else np.zeros(0, np.int64)
@@ -265,7 +244,7 @@ def test_length_batches_cover_every_item_once(lengths, max_batch, cost, max_toke
 
 
 def test_length_batches_beat_fixed_batches():
-    from retro_dask.plan import length_batches
+    from retro_dask.plan.batches import length_batches
 
     rng = np.random.default_rng(0)
     # Most chunks are full (about 65 wordpieces); document ends give a long tail of short ones.

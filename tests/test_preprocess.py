@@ -18,15 +18,16 @@ import pytest
 
 from retro_dask.config import RunOptions
 from retro_dask.errors import InputError
-from retro_dask.indexed_dataset import IndexedDataset, write_indexed_dataset
-from retro_dask.preprocess import (
+from retro_dask.formats.indexed_dataset import IndexedDataset
+from retro_dask.formats.indexed_writer import write_indexed_dataset
+from retro_dask.stages.preprocess import (
     DEFAULT_RANGE_BYTES,
     MIN_AUTO_RANGE_BYTES,
     auto_range_bytes,
-    line_aligned_ranges,
     preprocess,
     preprocess_main,
 )
+from retro_dask.formats.jsonl import line_aligned_ranges
 
 # Texts that stress the tokenizer and the jsonl reader besides plain prose.
 EDGE_TEXTS = [
@@ -179,7 +180,7 @@ def test_tolerated_lines(tmp_path, gpt, line):
 @pytest.fixture(scope="module")
 def cluster_client():
     """An embedded LocalCluster with 2 single-thread worker processes, started once for the module."""
-    from retro_dask.cluster import open_client
+    from retro_dask.engine.cluster import open_client
 
     options = RunOptions(n_workers=2, dashboard_address="127.0.0.1:0", progress=False)
     with open_client(options, ".", log=quiet) as client:

@@ -25,9 +25,15 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def records(workdir: Path, stage: str) -> dict[str, tuple[bytes, int]]:
-    folder = workdir / ".retro" / "blocks" / stage
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.glob("*.json")} if folder.exists() else {}
+def records(workdir: Path, stage: str) -> dict[int, list[bytes]]:
+    """Every record line of a stage's ledger, by block (a block computed twice has two)."""
+    import json
+
+    path = workdir / ".retro" / "ledger" / f"{stage}.jsonl"
+    out: dict[int, list[bytes]] = {}
+    for line in (path.read_bytes().splitlines()[1:] if path.exists() else []):
+        out.setdefault(json.loads(line)["block"], []).append(line)
+    return out
 
 
 # ---------------------------------------------------------------- crashes
@@ -36,18 +42,18 @@ def records(workdir: Path, stage: str) -> dict[str, tuple[bytes, int]]:
 def test_killing_a_worker_in_every_stage(tmp_path, built_workdir, small_corpus_prefix, tiny_bert):
     """kill -9 of one worker in the middle of each stage: the run finishes, with identical outputs."""
     # db-build's length pass (db-candidates) has one block here: 4 x --block-size candidates.
-    crash = ",".join(f"{stage}:1:kill-worker" for stage in ("db-chunks", "embed", "index-add", "query-train")) + (
-        ",db-candidates:0:kill-worker,index-train:0:kill-worker")
+    crash = ",".join(f"{stage}:1:kill-worker" for stage in ("db-chunks", "embed", "index-encode", "query-train")) + (
+        ",db-candidates:0:kill-worker,index-train:0:kill-worker,index-assemble:0:kill-worker")
     w = tmp_path / "w"
     run_build(build_args(w, small_corpus_prefix, tiny_bert, *WORKERS), env={"RETRO_DASK_CRASH_AT": crash})
     marks = {p.name for p in (w / ".retro" / "faults").iterdir()}
-    assert len(marks) == 6  # every kill happened
+    assert len(marks) == 7  # every kill happened
     assert tree_bytes(w) == tree_bytes(built_workdir)
 
 
 def test_killing_the_driver_in_every_stage_then_resuming(tmp_path, built_workdir, small_corpus_prefix, tiny_bert):
     """kill -9 of the driver mid-stage, then the same command: it resumes and ends with identical bytes."""
-    stages = ["db-candidates", "db-chunks", "embed", "index-add", "query-train"]
+    stages = ["db-candidates", "db-chunks", "embed", "index-encode", "query-train"]
     # db-build's length pass (db-candidates) has one block here: 4 x --block-size candidates.
     crash = ",".join(f"{s}:{0 if s == 'db-candidates' else 1}:kill-driver" for s in stages)
     w = tmp_path / "w"
@@ -69,10 +75,10 @@ def test_killing_the_driver_in_every_stage_then_resuming(tmp_path, built_workdir
             assert "already done: skipped" in out, out
         for s in stages:  # blocks finished before the kill are not recomputed
             after = records(w, s)
-            # index-add's records go with its partials once the final index is assembled.
-            gone_ok = s == "index-add"
-            assert all(after.get(name) == rec or (gone_ok and name not in after)
-                       for name, rec in before[s].items()), (s, out)
+            # index-encode's records go with its partials once the final index is recorded.
+            gone_ok = s == "index-encode"
+            assert all(after.get(block) == recs or (gone_ok and block not in after)
+                       for block, recs in before[s].items()), (s, out)
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, out
@@ -100,7 +106,7 @@ def test_full_disk_during_a_block_write_leaves_no_half_block(tmp_path, built_wor
     emb = w / "db" / "embeddings.zarr"
     assert not (emb / "c" / "1" / "0").exists()
     assert not [p for p in w.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
-    assert not (w / ".retro" / "blocks" / "embed" / "00000001.json").exists()
+    assert 1 not in records(w, "embed")
     run_build(args)
     assert tree_bytes(w) == tree_bytes(built_workdir)
 
@@ -125,6 +131,55 @@ def test_verify_rebuilds_changed_and_truncated_blocks(tmp_path, built_workdir):
     assert tree_bytes(w) == tree_bytes(built_workdir)
     proc = run_build(["--workdir", w, "--tasks", "verify", "--verify-fraction", "1", "--cluster", "synchronous"])
     assert "bad" not in proc.stdout.replace("bad=", "")
+
+
+def flip_byte(path: Path, at: float = 0.5) -> None:
+    """Change one byte in place: same size, another value."""
+    data = bytearray(path.read_bytes())
+    i = min(len(data) - 5, int(len(data) * at))
+    data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+ARRAYS = {  # ledger stage -> array, whose last block gets one byte changed
+    "db-candidates": "db/candidates.zarr", "db-chunks": "db/chunks.zarr", "db-sampled": "db/sampled.zarr",
+    "embed": "db/embeddings.zarr", "query-train": "query/train/neighbors.zarr",
+    "query-valid": "query/valid/neighbors.zarr",
+}
+
+
+def test_verify_finds_one_changed_byte_in_any_block_of_every_array(tmp_path, built_workdir):
+    """One byte changed in the last block of every array (and in the document index and the index
+    file), sizes unchanged: verify recomputes only one block per stage, yet reports every change from
+    its checksum, rebuilds it, and the workdir ends with the bytes it had."""
+    import zarr
+
+    w = tmp_path / "w"
+    shutil.copytree(built_workdir, w)
+    last = {}
+    for stage, rel in ARRAYS.items():
+        arr = zarr.open_array(str(w / rel), mode="r")
+        last[stage] = -(-arr.shape[0] // arr.chunks[0]) - 1
+        chunk = w / rel / "c" / str(last[stage])
+        flip_byte(chunk / "0" if arr.ndim == 2 else chunk)
+    flip_byte(w / "db" / "doc_key.npy", 0.9)
+    (index_file,) = w.glob("index/*/added.faissindex")
+    flip_byte(index_file, 0.99)
+    proc = run_build(["--workdir", w, "--tasks", "verify", "--verify-fraction", "0.01", "--n-workers", "2",
+                      "--dashboard-address", "127.0.0.1:0"])
+    import re
+
+    for stage in ARRAYS:
+        n_blocks, recomputed = map(int, re.search(rf"\] {stage}: (\d+) blocks, every checksum read, (\d+) recomputed",
+                                                  proc.stdout).groups())
+        assert recomputed <= 1 and n_blocks == last[stage] + 1, (stage, proc.stdout)
+        assert f"block {last[stage]}: its crc32c checksum does not match" in proc.stdout, (stage, proc.stdout)
+    assert sum(last.values()) >= 6  # most arrays have blocks that no recomputation looked at
+    assert "db-docs: changed on disk" in proc.stdout
+    assert "final index missing, truncated or changed on disk" in proc.stdout
+    assert tree_bytes(w) == tree_bytes(built_workdir)
+    proc = run_build(["--workdir", w, "--tasks", "verify", "--verify-fraction", "1", "--cluster", "synchronous"])
+    assert " bad" not in proc.stdout and "rebuilding" not in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------- bad input
@@ -181,7 +236,7 @@ def test_settings_that_differ_from_config_json_are_refused(tmp_path, small_corpu
 def test_a_second_build_on_the_same_workdir_is_refused(tmp_path, small_corpus_prefix, tiny_bert):
     w = tmp_path / "w"
     run_build(corpus_args(w, small_corpus_prefix, tiny_bert, "--tasks", "db-build"))
-    from retro_dask.workdir import WorkdirLock
+    from retro_dask.formats.workdir import WorkdirLock
 
     with WorkdirLock(w):
         proc = run_build(corpus_args(w, small_corpus_prefix, tiny_bert, "--tasks", "db-build"), check=False)
@@ -331,7 +386,8 @@ def test_a_worker_that_cannot_see_the_workdir_gets_a_clear_error(tmp_path, small
 def test_a_cluster_without_workers_ends_the_build_with_an_error(tmp_path, monkeypatch, capsys):
     """The embedded scheduler fails a task that waits for a worker past NO_WORKERS_TIMEOUT, and the
     command says what happened and how to go on, instead of waiting forever on a cluster of none."""
-    from retro_dask import cli, cluster
+    from retro_dask import cli
+    from retro_dask.engine import cluster
     from retro_dask.config import RunOptions
 
     monkeypatch.setattr(cluster, "NO_WORKERS_TIMEOUT", "3s")

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from retro_dask.samples import build_blend, build_doc_idx, build_sample_idx, epoch_samples
+from retro_dask.plan.samples import build_blend, build_doc_idx, build_sample_idx, epoch_samples
 
 
 def brute_force_samples(sizes_in_order, n_samples, seq_length):
@@ -73,8 +73,8 @@ def test_blend_follows_the_weights(n, weights):
 def test_samples_of_a_workdir_match_their_documents(tmp_path, small_corpus_prefix, second_corpus_prefix):
     """End to end through the cached maps: tokens are the sample's documents, in order."""
     from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, QueryConfig
-    from retro_dask.indexed_dataset import IndexedDataset
-    from retro_dask.samples import Samples, prepare_samples
+    from retro_dask.formats.indexed_dataset import IndexedDataset
+    from retro_dask.formats.sample_maps import Samples, prepare_samples
 
     config = BuildConfig(ChunkConfig(DataBlend((2.0, 1.0), (small_corpus_prefix, second_corpus_prefix)),
                                      split=(0.8, 0.2, 0.0)),

@@ -22,19 +22,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retro_dask import sample_corpus
+from retro_dask.formats import sample_corpus
 from retro_dask.errors import InputError, MissingDependencyError
-from retro_dask.sample_corpus import N_SAMPLE_DOCUMENTS, iter_sample_documents, sample_corpus_path
-from retro_dask.tokenizer import (
-    BertTokenizer,
-    BertTokenizerSpec,
-    GPTTokenizer,
-    GPTTokenizerSpec,
-    default_bert_dir,
-    default_gpt2_files,
-    get_bert_tokenizer,
-    get_gpt_tokenizer,
-)
+from retro_dask.formats.sample_corpus import N_SAMPLE_DOCUMENTS, iter_sample_documents, sample_corpus_path
+from retro_dask.text.bert import BertTokenizer, BertTokenizerSpec, default_bert_dir, get_bert_tokenizer
+from retro_dask.text.gpt import GPTTokenizer, GPTTokenizerSpec, default_gpt2_files, get_gpt_tokenizer
 
 MULTIBYTE = "héllo 日本語 🙂"
 
@@ -480,7 +472,7 @@ def test_wordpiece_counter_on_sample_chunks(bert, docs):
 
 
 def test_wordpiece_counter_caches_stay_bounded(bert, docs, monkeypatch):
-    from retro_dask import wordpiece_count
+    from retro_dask.text import wordpiece_count
 
     monkeypatch.setattr(wordpiece_count, "MAX_WORDS", 50)
     monkeypatch.setattr(wordpiece_count, "MAX_CHARS", 40)
@@ -494,7 +486,7 @@ def test_wordpiece_counter_caches_stay_bounded(bert, docs, monkeypatch):
 
 def test_wordpiece_cache_keeps_its_first_entries():
     """Past its bound a cache keeps the entries met first (the frequent ones), half its bound of them."""
-    from retro_dask.wordpiece_count import _shrink
+    from retro_dask.text.wordpiece_count import _shrink
 
     cache = {f"w{i}": i for i in range(130)}
     _shrink(cache, 100)
@@ -626,8 +618,9 @@ def test_bert_vocab_without_cls(tmp_path):
 _THREAD_PROBE = textwrap.dedent(
     """
     import json, os, sys, time
-    from retro_dask.sample_corpus import iter_sample_documents
-    from retro_dask.tokenizer import BertTokenizer, GPTTokenizer, GPTTokenizerSpec
+    from retro_dask.formats.sample_corpus import iter_sample_documents
+    from retro_dask.text.bert import BertTokenizer
+    from retro_dask.text.gpt import GPTTokenizer, GPTTokenizerSpec
 
     def threads():
         return len(os.listdir("/proc/self/task"))

@@ -1,0 +1,1 @@
+"""Running stages: the executor, clusters, worker set-up, fault injection, figures."""

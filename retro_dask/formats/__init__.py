@@ -1,0 +1,1 @@
+"""File formats and the workdir layout: Megatron indexed datasets, Zarr blocks, Faiss lists, ledgers."""

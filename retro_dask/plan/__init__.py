@@ -1,0 +1,1 @@
+"""Pure planning: block ranges, sample maps, index choices. No Zarr, Faiss or torch here."""

@@ -1,0 +1,1 @@
+"""Tokenizers, WordPiece counts, the BERT encoder and the embedder."""
