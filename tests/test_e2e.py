@@ -200,10 +200,20 @@ def dask_scheduler_with_workers(n_workers: int, env: dict):
 
 
 def test_same_bytes_on_a_dask_scheduler_with_two_workers(built_workdir, tmp_path, small_corpus_prefix, tiny_bert):
+    """A cluster of one's own gives the same bytes; its dashboard's task stream names every stage's tasks."""
+    from distributed import Client, get_task_stream
+
     with dask_scheduler_with_workers(2, {**os.environ, "TOKENIZERS_PARALLELISM": "false"}) as address:
         w = tmp_path / "w"
-        run_build(build_args(w, small_corpus_prefix, tiny_bert, "--scheduler", address))
+        with Client(address, timeout=30) as client, get_task_stream(client=client) as stream:
+            client.wait_for_workers(2, timeout=60)
+            run_build(build_args(w, small_corpus_prefix, tiny_bert, "--scheduler", address))
         assert tree_bytes(w) == tree_bytes(built_workdir)
+    from dask.utils import key_split
+
+    names = {key_split(t["key"]) for t in stream.data}
+    assert {"db-candidates", "db-chunks", "db-docs", "read-chunks", "embed", "index-train", "index-encode",
+            "index-add", "query-train", "query-valid", "store-map"} <= names, names
 
 
 def test_workers_of_a_dask_scheduler_get_the_allocator_settings(tmp_path):

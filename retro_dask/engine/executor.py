@@ -31,6 +31,8 @@ from .process_env import peak_rss_mb
 
 # A task of a spanned stage computes at most this many blocks, unless the job says otherwise.
 MAX_SPAN = 16
+# Graphs are computed as built, unfused: the dashboard's task stream then shows each step of a stage
+# under its own name (read-chunks, embed, store-map); a span's steps run on the same worker anyway.
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,8 @@ class Executor:
     def compute(self, collection: Any) -> Any:
         """Compute one collection (a task, or a reduction tree) on the cluster; return its result."""
         if self.client is None:
-            return dask.compute(collection, scheduler="synchronous")[0]
-        future = self.client.compute(collection)
+            return dask.compute(collection, scheduler="synchronous", optimize_graph=False)[0]
+        future = self.client.compute(collection, optimize_graph=False)
         try:
             return future.result()
         finally:
@@ -173,7 +175,7 @@ class Executor:
         finishes, with a bounded number in flight."""
         if self.client is None:
             for item in items:
-                result = dask.compute(make(item), scheduler="synchronous")[0]
+                result = dask.compute(make(item), scheduler="synchronous", optimize_graph=False)[0]
                 yield (item, result) if ordered else item
             return
         from distributed import as_completed
@@ -188,7 +190,7 @@ class Executor:
             batch = [item for _, item in zip(range(k), pending)]
             if not batch:
                 return
-            futures = self.client.compute([make(item) for item in batch])
+            futures = self.client.compute([make(item) for item in batch], optimize_graph=False)
             for fut, item in zip(futures, batch):
                 live[fut] = item
                 order.append(fut)

@@ -89,6 +89,7 @@ def write_doc_index(ex: Executor, n_chunks: int, block_rows: int) -> None:
     """Write db/doc_first_row.npy and db/doc_key.npy from chunks.zarr, streamed in order from the workers'
     scans (memory: the windows in flight), then record them."""
     import dask
+    import dask.base
 
     w = ex.workdir
     ledger = Ledger(w, "db-docs")
@@ -96,7 +97,9 @@ def write_doc_index(ex: Executor, n_chunks: int, block_rows: int) -> None:
         return
     path = str(chunks_path(w))
     n_blk = n_blocks(n_chunks, block_rows)
-    tasks = (dask.delayed(_doc_starts, pure=True)(path, b, min(CHEAP_BLOCK_SPAN, n_blk - b), block_rows)
+    token = dask.base.tokenize(path, os.stat(os.path.join(path, "zarr.json")).st_mtime_ns, n_chunks, block_rows)
+    tasks = (dask.delayed(_doc_starts, pure=True)(path, b, min(CHEAP_BLOCK_SPAN, n_blk - b), block_rows,
+                                                  dask_key_name=f"db-docs-{token}-{b}")
              for b in range(0, n_blk, CHEAP_BLOCK_SPAN))
     with atomic_path(doc_starts_path(w)) as rows_tmp, atomic_path(doc_keys_path(w)) as keys_tmp:
         raw_rows, raw_keys = rows_tmp.with_suffix(".raw"), keys_tmp.with_suffix(".raw")

@@ -7,11 +7,11 @@ uint16 tokens when the vocabulary fits. Blank lines are skipped; every other
 line is one document (an empty text gives a document of just the EOD token, so
 document numbers follow the input's non-blank lines).
 
-Each input is cut into line-aligned byte ranges. Every range is one Dask task
-that reads its own bytes from the file, tokenizes them and writes a partial
-indexed dataset into a ``PREFIX.parts-*`` folder beside the output; only a small
-dict of counts goes back to the driver, so inputs larger than memory stream
-through. The driver then concatenates the partials in input order into
+Each input is cut into line-aligned byte ranges (``formats/jsonl.py``). Every
+range is one Dask task, run by the executor a window at a time, that reads its
+own bytes from the file, tokenizes them and writes a partial indexed dataset
+into a ``PREFIX.parts-*`` folder beside the output; only a small dict of counts
+goes back to the driver, so inputs larger than memory stream through. The driver then concatenates the partials in input order into
 temporaries that replace the output atomically (``os.replace``). A failed run
 leaves the previous output (if any) untouched and no partial or temporary
 behind.

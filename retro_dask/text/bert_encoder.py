@@ -2,13 +2,11 @@
 
 A BERT encoder is a few matmuls, layer norms and attention: this module runs it
 from the checkpoint's ``config.json`` and safetensors weights without importing
-``transformers``. Importing transformers costs each worker ~2.7 s and ~150 MB
-(it pulls in torch.distributed, sympy and scipy for features BERT inference does
-not use), a tenth of the embed stage on the sample corpus (RESULTS.md, profiling
-note 19). The computation is transformers' ``BertModel`` (absolute position
-embeddings, post-layer-norm, scaled dot-product attention with padded keys
-masked), with Q, K and V in one matmul; tests hold it to BertModel's hidden
-states. A checkpoint this module does not cover (another activation, a decoder,
+``transformers``, whose import costs each worker seconds and ~150 MB for
+features inference does not use (RESULTS.md, profiling note 19). The
+computation is transformers' ``BertModel`` (absolute position embeddings,
+post-layer-norm, scaled dot-product attention with padded keys masked), with
+Q, K and V in one matmul; tests hold it to BertModel's hidden states. A checkpoint this module does not cover (another activation, a decoder,
 missing weights) is run by transformers' ``BertModel`` instead
 (``load_bert_encoder``).
 """

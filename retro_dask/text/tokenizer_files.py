@@ -111,11 +111,10 @@ def _hf_encode_one(tokenizer, text: str, add_special_tokens: bool = False):
 def _hf_encode(tokenizer, texts: list[str], num_threads: int, add_special_tokens: bool = False) -> list:
     """Token ids of texts (``.ids``; no offsets or token strings), on this thread when ``num_threads == 1``.
 
-    ``encode_batch_fast`` (no character offsets: nothing here reads them) is
-    1.4x faster than text-by-text ``encode`` (6,464 chunks: 0.59 s against
-    0.87 s), but runs on the rayon pool unless ``TOKENIZERS_PARALLELISM`` is off,
-    as it is in Dask workers (``cluster.WORKER_ENV``). With the pool on,
-    ``num_threads=1`` stays text by text on the calling thread.
+    ``encode_batch_fast`` (no character offsets, which nothing here reads) is
+    ~1.4x faster than text-by-text ``encode`` (RESULTS.md), but runs on the rayon
+    pool unless ``TOKENIZERS_PARALLELISM`` is off, as in Dask workers; with the
+    pool on, ``num_threads=1`` stays text by text on the calling thread.
     """
     if num_threads == 1 and not _rayon_off():
         return [_hf_encode_one(tokenizer, text, add_special_tokens) for text in texts]
