@@ -81,6 +81,21 @@ def _file_hash(path: Path, replace: dict[str, str]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def normalized_config(workdir: Path, replace: dict[str, str]) -> dict:
+    """config.json flattened (``section.field``), paths replaced, fingerprint left out: later versions may add
+    settings, and the reference test checks only the ones it recorded."""
+    text = (Path(workdir) / "config.json").read_text()
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    out = {}
+    for section, values in json.loads(text).items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        elif section != "fingerprint":
+            out[section] = values
+    return out
+
+
 def content_hashes(workdir: Path, replace: dict[str, str]) -> dict[str, str]:
     """sha256 of every output's contents: Zarr arrays by value, .npy by value, JSON with paths replaced
     (in the order of ``replace``), other files (Faiss indexes) by bytes. Stats and the pipeline's own
@@ -91,6 +106,8 @@ def content_hashes(workdir: Path, replace: dict[str, str]) -> dict[str, str]:
         rel = p.relative_to(workdir).as_posix()
         if rel.startswith((".retro", "stats")):
             continue
+        if rel == "config.json":
+            continue  # compared setting by setting: normalized_config
         if p.is_dir() and p.suffix == ".zarr":
             out[rel] = _array_hash(p)
         elif p.is_file() and ".zarr/" not in rel + "/" and not any(part.endswith(".zarr") for part in p.parts):
@@ -136,7 +153,8 @@ def reference_build(folder: Path, corpus: str, bert: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build.py"), *build_flags(w, corpus, bert)],
                    check=True, capture_output=True, text=True, env=env)
-    return content_hashes(w, {bert: "BERT", str(Path(corpus).parent): "CORPUS"})
+    replace = {bert: "BERT", str(Path(corpus).parent): "CORPUS"}
+    return content_hashes(w, replace), normalized_config(w, replace)
 
 
 def main() -> None:
@@ -145,10 +163,10 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus, bert = make_inputs(Path(tmp))
-        hashes = reference_build(Path(tmp), corpus, bert)
+        hashes, config = reference_build(Path(tmp), corpus, bert)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {"commit": commit, "machine": machine_signature(), "flags": build_flags("W", "CORPUS", "BERT"),
-              "float_derived": list(FLOAT_DERIVED), "hashes": hashes}
+              "float_derived": list(FLOAT_DERIVED), "hashes": hashes, "config": config}
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     if args.write:
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
