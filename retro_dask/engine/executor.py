@@ -172,7 +172,7 @@ class Executor:
 
     def _run(self, items: Iterable[Any], make: Callable[[Any], Any], ordered: bool = False) -> Iterator[Any]:
         """Yield ``item`` (or ``(item, result)`` when ``ordered``) as the task ``make(item)`` of each
-        finishes, with a bounded number in flight."""
+        finishes (in ``items`` order when ``ordered``), a window of tasks in flight at a time."""
         if self.client is None:
             for item in items:
                 result = dask.compute(make(item), scheduler="synchronous", optimize_graph=False)[0]
@@ -182,40 +182,33 @@ class Executor:
 
         pending = iter(items)
         window = self.window()
-        live: dict[Any, Any] = {}
-        order: deque = deque()
-        queue = as_completed()
+        live: dict[Any, Any] = {}  # future -> item
+        in_order: deque = deque()
+        finished = None if ordered else as_completed()
 
         def submit(k: int) -> None:
             batch = [item for _, item in zip(range(k), pending)]
-            if not batch:
-                return
-            futures = self.client.compute([make(item) for item in batch], optimize_graph=False)
-            for fut, item in zip(futures, batch):
-                live[fut] = item
-                order.append(fut)
-                queue.add(fut)
+            if batch:  # one graph for the batch: one round trip to the scheduler
+                for fut, item in zip(self.client.compute([make(item) for item in batch], optimize_graph=False), batch):
+                    live[fut] = item
+                    (in_order.append if ordered else finished.add)(fut)
+
+        def done(fut) -> tuple[Any, Any]:
+            result = fut.result()  # raises the task's error
+            item = live.pop(fut)
+            fut.release()
+            if len(live) <= window // 2:
+                submit(window - len(live))
+            return item, result
 
         submit(window)
         try:
             if ordered:
-                while order:
-                    fut = order.popleft()
-                    result = fut.result()
-                    item = live.pop(fut)
-                    fut.release()
-                    if len(live) <= window // 2:
-                        submit(window - len(live))
-                    yield item, result
-                return
-            for fut in queue:
-                fut.result()  # raises the task's error
-                item = live.pop(fut)
-                order.remove(fut)
-                fut.release()
-                if len(live) <= window // 2:
-                    submit(window - len(live))
-                yield item
+                while in_order:
+                    yield done(in_order.popleft())
+            else:
+                for fut in finished:
+                    yield done(fut)[0]
         except BaseException:
             for fut in live:
                 fut.cancel()
