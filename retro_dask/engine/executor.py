@@ -31,8 +31,8 @@ from .process_env import peak_rss_mb
 
 # A task of a spanned stage computes at most this many blocks, unless the job says otherwise.
 MAX_SPAN = 16
-# Graphs are computed as built, unfused: the dashboard's task stream then shows each step of a stage
-# under its own name (read-chunks, embed, store-map); a span's steps run on the same worker anyway.
+# Graphs are computed as built (``optimize_graph=False``): a stage fuses its own expression (StoreJob.task),
+# so the dashboard's task stream names each stage's tasks (embed, index-encode, query-train) beside store-map.
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,10 @@ class StoreJob:
         import dask.array as da
 
         lo, hi = self.rows(blocks)
-        return da.store(self.expression(lo, hi), self.target, regions=self.target.region(lo, hi), lock=False,
-                        compute=False)
+        # The expression's steps fuse into one task named by its last layer (the stage's own: embed,
+        # index-encode, ...), with no separate read task holding its input; Dask's store-map task stays apart.
+        (source,) = dask.optimize(self.expression(lo, hi))
+        return da.store(source, self.target, regions=self.target.region(lo, hi), lock=False, compute=False)
 
 
 @dataclass
@@ -150,7 +152,8 @@ class Executor:
         """Compute Dask collections (small results), a window at a time; yield their results in order."""
         bar = self._bar(desc, total or 0, 0, unit="task") if desc and total else None
         try:
-            for _, result in self._run(((None, t) for t in tasks), lambda item: item[1], ordered=True):
+            for _, result in self._run(((None, t) for t in tasks), lambda item: dask.optimize(item[1])[0],
+                                       ordered=True):
                 if bar is not None:
                     bar.update(1)
                 yield result

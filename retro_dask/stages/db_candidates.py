@@ -95,13 +95,17 @@ def trim_and_measure(job: CandidateJob, cand: np.ndarray) -> np.ndarray:
     return out
 
 
-def measured_candidates(starts: np.ndarray, job: CandidateJob, block_info=None) -> np.ndarray:
-    """One Dask chunk of candidates: boundaries from sizes (from its first block's start), trimmed and measured."""
+def measured_candidates(starts: np.ndarray, job: CandidateJob, block_rows: int, block_info=None) -> np.ndarray:
+    """One Dask chunk of candidates: boundaries from sizes, trimmed and measured, a block (of ``block_rows``,
+    starting at ``starts``) at a time so that one block's texts are in memory, whatever the chunk."""
     t0 = time.perf_counter()
     (lo, hi), _ = block_info[None]["array-location"]
     sizes_of = [open_dataset(p).sizes for p in job.prefixes]
-    cand = candidate_block(sizes_of, job.train_ranges, BlockStart(*map(int, starts[0])), hi - lo, job.chunk_length)
-    out = trim_and_measure(job, cand)
+    out = np.empty((hi - lo, 5), np.int64)
+    for k, start in enumerate(starts.tolist()):
+        a, b = k * block_rows, min((k + 1) * block_rows, hi - lo)
+        cand = candidate_block(sizes_of, job.train_ranges, BlockStart(*start), b - a, job.chunk_length)
+        out[a:b] = trim_and_measure(job, cand)
     figures.add("db-candidates", n_rows=len(out), seconds=time.perf_counter() - t0)
     return out
 
@@ -116,7 +120,7 @@ def candidates(job: CandidateJob, plan: CandidatePlan, lo: int, hi: int, chunks:
     starts = np.array([(s.dataset, s.document, s.chunk) for s in plan.starts[lo // bs : -(-hi // bs)]], np.int64)
     token = tokenize(job, bs, lo, hi, chunks, starts)
     starts_da = da.from_array(starts, chunks=(tuple(-(-c // bs) for c in chunks), (3,)), name=f"db-block-starts-{token}")
-    return da.map_blocks(measured_candidates, starts_da, job, chunks=(chunks, (5,)), dtype=np.int64,
+    return da.map_blocks(measured_candidates, starts_da, job, bs, chunks=(chunks, (5,)), dtype=np.int64,
                          name=f"db-candidates-{token}", meta=np.empty((0, 0), np.int64))
 
 
