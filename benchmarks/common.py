@@ -67,28 +67,37 @@ def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
 
 
 def record_results(title: str, body: str, command: str) -> None:
-    """Append a dated section to benchmarks/RESULTS.md."""
+    """Write a dated section into benchmarks/RESULTS.md, replacing the one of the same title measured on the
+    same kind of machine (RESULTS.md holds the current table of each benchmark per machine kind)."""
+    import re
+
     path = ROOT / "benchmarks" / "RESULTS.md"
     today = datetime.date.today().isoformat()
-    section = f"\n## {title} ({today})\n\nMachine: {machine()}. Command: `{command}`\n\n{body}\n"
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nEach section is appended by the script that measured it.\n")
-    with open(path, "a") as f:
-        f.write(section)
+    section = f"## {title} ({today})\n\nMachine: {machine()}. Command: `{command}`\n\n{body.rstrip()}\n\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    kind = machine().split(", Python")[0]
+    pattern = re.compile(rf"^## {re.escape(title)} \(\d{{4}}-\d\d-\d\d\)\n\nMachine: {re.escape(kind)}, Python.*?(?=^## |\Z)",
+                         re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda m: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
 
 
 # ---------------------------------------------------------------- the model ceiling
 
 
-def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out) -> None:
+def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out, backend: str = "torch") -> None:
     import torch
 
     from retro_dask.config import EmbedConfig
     from retro_dask.text.embedder import Embedder
 
-    # The model the workers run, at its best: the same forward pass (retro_dask.bert_encoder), allocator
-    # settings, kernel caches and length batching as the embed stage's Embedder, one thread.
-    embedder = Embedder(EmbedConfig(embed_dtype=dtype), "cpu", threads=1)
+    # The model the workers run, at its best: the same forward pass (retro_dask.bert_encoder, or the exported
+    # graph of --embed-backend), allocator settings, kernel caches and length batching as the embed stage's
+    # Embedder, one thread.
+    embedder = Embedder(EmbedConfig(embed_dtype=dtype, backend=backend), "cpu", threads=1)
     lengths = np.array([len(x) for x in ids])
     batches = [embedder.padded_batch(ids, lengths, sel) for sel in embedder.batches(lengths)]
     barrier.wait()
