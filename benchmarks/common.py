@@ -108,7 +108,8 @@ def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out, backend: str
     out.put((time.perf_counter() - t0, sum(x.numel() for x, _ in batches)))
 
 
-def model_ceiling(dtype: str, ids: list[list[int]], processes: int | None = None) -> dict[str, float]:
+def model_ceiling(dtype: str, ids: list[list[int]], processes: int | None = None,
+                  backend: str = "torch") -> dict[str, float]:
     """The model's own forward throughput: pre-tokenized, length-sorted chunks, one single-thread process per core.
 
     Chunks are sorted by length over the whole set and dealt to the processes
@@ -118,11 +119,16 @@ def model_ceiling(dtype: str, ids: list[list[int]], processes: int | None = None
     time is the slowest process's.
     """
     processes = processes or os.cpu_count() or 1
+    if backend != "torch":  # export (and quantize) once here, not in every process at once
+        from retro_dask.text.backends import prepare_graph
+        from retro_dask.text.embedder import bert_dir
+
+        prepare_graph(backend, bert_dir(None), dtype)
     order = np.argsort([len(x) for x in ids], kind="stable")
     shares = [[ids[i] for i in order[p::processes]] for p in range(processes)]
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_ceiling_worker, args=(dtype, s, barrier, out)) for s in shares]
+    procs = [ctx.Process(target=_ceiling_worker, args=(dtype, s, barrier, out, backend)) for s in shares]
     for p in procs:
         p.start()
     results = [out.get() for _ in procs]

@@ -13,13 +13,18 @@ In one run:
    pretraining queries), pre-tokenized and length-sorted, one single-thread
    process per core (as in ``embed.py``);
 4. pipeline (bf16) and the recall@10 of its saved neighbours against that of
-   the fp32 run (both against exact search on fp32 embeddings, same filter).
+   the fp32 run (both against exact search on fp32 embeddings, same filter);
+5. only when asked (``--embed-backend B --embed-dtype D``, or ``--settings
+   B:D,B:D``): one more pipeline run per setting, with its speed against the
+   fp32 baseline, the recall@10 of its saved neighbours against the fp32 run's
+   (goal: within 0.01) and the cosines of its database embeddings to the fp32
+   run's (mean, 1st percentile, minimum).
 
 It prints per stage and in total: wall time, chunks/s, the ratios
 pipeline/baseline and pipeline/ceiling, and peak RSS of the driver and each
 worker; ``--record`` appends the table to benchmarks/RESULTS.md.
 
-Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/e2e.py [--record]``
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/e2e.py [--record] [--embed-backend openvino --embed-dtype int8]``
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ from common import ROOT, machine, model_ceiling, record_results, sample_corpus, 
 STAGES = ("db-build", "embed", "index-train", "index-add", "query-neighbors")
 
 
-def pipeline(workdir: Path, prefix: str, dtype: str) -> dict:
+def pipeline(workdir: Path, prefix: str, dtype: str, backend: str | None = None) -> dict:
     cmd = [sys.executable, str(ROOT / "scripts" / "build.py"), "--workdir", str(workdir), "--tasks", "build",
            "--data-path", "1", prefix, "--embed-dtype", dtype, "--no-progress", "--dashboard-address", "127.0.0.1:0"]
+    if backend:
+        cmd += ["--embed-backend", backend]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -116,12 +123,43 @@ def neighbor_recalls(fp32: Path, others: list[Path], n: int = 500, seed: int = 0
     return out
 
 
+def extra_notes(tmp: Path, runs: dict, baseline_wall: float) -> list[str]:
+    """For each extra run: the backend it ran, its speed against the fp32 baseline, its recall against the
+    fp32 run's and the cosines of its database embeddings to the fp32 run's."""
+    import zarr
+
+    keys = list(runs)
+    folders = [tmp / f"x-{b}-{d}" for b, d in keys]
+    recalls = neighbor_recalls(tmp / "fp32", folders)
+    ref = zarr.open_array(str(tmp / "fp32" / "db" / "embeddings.zarr"), mode="r")[:].astype(np.float32)
+    notes = []
+    for (backend, dtype), folder, recall in zip(keys, folders, recalls[1:]):
+        picked = json.loads((folder / "config.json").read_text())["embed"]["backend"]
+        x = zarr.open_array(str(folder / "db" / "embeddings.zarr"), mode="r")[:].astype(np.float32)
+        c = (x * ref).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(ref, axis=1)
+        diff = recalls[0] - recall
+        notes.append(f"--embed-backend {backend} --embed-dtype {dtype}"
+                     + (f" (auto picked {picked})" if backend == "auto" else "")
+                     + f": {baseline_wall / runs[(backend, dtype)]['wall']:.2f}x faster than the fp32 baseline; "
+                     f"recall@10 of the saved neighbours {recall:.4f} against fp32's {recalls[0]:.4f} (difference "
+                     f"{diff:+.4f}: {'within' if abs(diff) <= 0.01 else 'NOT within'} 0.01); cosine of its database "
+                     f"embeddings to fp32's: mean {c.mean():.6f}, p1 {np.percentile(c, 1):.6f}, min {c.min():.6f}")
+    return notes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--record", action="store_true")
     p.add_argument("--skip-bf16", action="store_true")
     p.add_argument("--docs", type=int, default=None, help="only the first N sample documents (a quick check)")
+    p.add_argument("--embed-backend", default=None, help="one more pipeline run with this backend (torch, onnx, "
+                   "openvino, auto), compared with the fp32 run")
+    p.add_argument("--embed-dtype", default="fp32", help="the dtype of the --embed-backend run (fp32, bf16, int8)")
+    p.add_argument("--settings", default=None, help="more extra runs: comma-separated BACKEND:DTYPE")
     args = p.parse_args()
+    extras = [tuple(x.split(":")) for x in args.settings.split(",")] if args.settings else []
+    if args.embed_backend:
+        extras.insert(0, (args.embed_backend, args.embed_dtype))
     tmp = Path(tempfile.mkdtemp(prefix="retro-e2e-bench-"))
     try:
         prefix = sample_corpus(tmp, args.docs)
@@ -143,6 +181,11 @@ def main() -> None:
         if not args.skip_bf16:
             run16 = pipeline(tmp / "bf16", prefix, "bf16")
             print(f"pipeline bf16: {run16['wall']:.1f} s", flush=True)
+        runs_extra = {}
+        for backend, dtype in extras:
+            runs_extra[(backend, dtype)] = pipeline(tmp / f"x-{backend}-{dtype}", prefix, dtype, backend)
+            print(f"pipeline --embed-backend {backend} --embed-dtype {dtype}: "
+                  f"{runs_extra[(backend, dtype)]['wall']:.1f} s", flush=True)
         st = run32["stats"]
         n_db = st["embed"]["n_chunks"]
         n_q = st["query-neighbors"]["n_query_chunks"]
@@ -166,6 +209,10 @@ def main() -> None:
         if run16:
             rows.append(["total, --embed-dtype bf16", f"{run16['wall']:.1f}", f"{model_chunks / run16['wall']:,.1f}",
                          f"{base['wall']:.1f} (fp32)", f"{run16['wall'] / base['wall']:.2f}", "-", "-", "-"])
+        for (backend, dtype), run in runs_extra.items():
+            rows.append([f"total, --embed-backend {backend} --embed-dtype {dtype}", f"{run['wall']:.1f}",
+                         f"{model_chunks / run['wall']:,.1f}", f"{base['wall']:.1f} (fp32)",
+                         f"{run['wall'] / base['wall']:.2f}", "-", "-", "-"])
         out = table(rows, ["stage", "pipeline s", "chunks/s", "baseline s", "pipeline/baseline", "pipeline/ceiling",
                            "driver peak MB", "worker peak MB"])
         notes = [f"database chunks: {n_db:,}; query chunks: {n_q:,}; model ceiling (fp32, length-sorted over all "
@@ -189,6 +236,8 @@ def main() -> None:
             notes.append(f"recall@10 of the saved neighbours (500 train query chunks, exact fp32 search, same filter): "
                          f"fp32 {r32:.4f}, bf16 {r16:.4f} (difference {r32 - r16:+.4f})")
             notes.append(f"bf16 build vs fp32 baseline: {base['wall'] / run16['wall']:.2f}x faster")
+        if runs_extra:
+            notes += extra_notes(tmp, runs_extra, base["wall"])
         text = out + "\n\n" + "\n".join(f"- {n}" for n in notes)
         print(f"\nend to end on the sample corpus, {machine()}\n")
         print(text)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import BuildConfig, RunOptions, check_same_config
+from .config import BuildConfig, RunOptions, check_same_config, keep_recorded_backend
 from .errors import InputError, RetroError
 from .formats.workdir import (
     WorkdirLock,
@@ -91,6 +91,7 @@ class BuildSummary:
     stages: list[str]
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    config: BuildConfig | None = None  # as recorded in config.json (auto resolved)
 
 
 def run_build(
@@ -106,6 +107,7 @@ def run_build(
     existed = os.path.exists(workdir)
     check_is_workdir_or_new(workdir)
     recorded = recorded_config(workdir)
+    config = keep_recorded_backend(config, recorded)
     if recorded is not None:
         check_same_config(recorded, config, str(config_path(workdir)))
     validate_inputs(config, stages)
@@ -113,16 +115,22 @@ def run_build(
     t0 = time.perf_counter()
     lock = WorkdirLock(workdir).acquire()
     try:
-        if recorded is None:
-            atomic_write_bytes(config_path(workdir), config.to_json().encode())
         removed = remove_leftover_temporaries(workdir)
         if removed:
             log(f"removed {removed} temporary files left by an interrupted run")
         summary = BuildSummary(workdir, stages)
         from .engine.cluster import open_client
         from .engine.executor import Executor
+        from .stages.embed import record_backend_choice, resolve_backend
 
         with open_client(options, workdir, log=log) as client:
+            if recorded is None:
+                # auto is measured on a worker (the CPU that embeds) and recorded like any setting: a
+                # rerun and every worker run that backend, and no array mixes two.
+                config, choice = resolve_backend(config, client, log)
+                atomic_write_bytes(config_path(workdir), config.to_json().encode())
+                record_backend_choice(workdir, choice)
+            summary.config = config
             ex = Executor(workdir, client, progress=options.progress, log=log, embed_batch_size=options.embed_batch_size)
             for stage in stages:
                 log(f"== {stage}")

@@ -27,6 +27,7 @@ from .config import (
     QueryConfig,
     RunOptions,
     check_same_config,
+    keep_recorded_backend,
     parse_bytes,
 )
 from .errors import InputError, RetroError
@@ -64,7 +65,12 @@ SHAPING: dict[str, tuple[str, str, Callable[[Any], Any], Any, str]] = {
                    "local Hugging Face BERT directory (default: packaged all-MiniLM-L6-v2)"),
     "seed": ("chunk", "seed", int, 1234, "seed of the index-training sample and the pretraining samples"),
     "bert_max_chunk_length": ("embed", "max_chunk_length", int, 256, "WordPiece tokens per chunk, [CLS]/[SEP] included"),
-    "embed_dtype": ("embed", "embed_dtype", str, "fp32", "BERT compute precision: fp32, bf16 or fp16"),
+    "embed_dtype": ("embed", "embed_dtype", str, "fp32",
+                    "BERT compute precision: fp32, bf16, fp16 or int8 (int8: dynamic quantization of the exported "
+                    "graph, with --embed-backend onnx, openvino or auto)"),
+    "embed_backend": ("embed", "backend", str, "torch",
+                      "BERT forward pass: torch (eager), onnx (ONNX Runtime), openvino, or auto (measures them on a "
+                      "worker at the first run and records the fastest that keeps the quality bar; see README)"),
     "store_dtype": ("embed", "store_dtype", str, "float32", "stored embedding precision: float32 or float16"),
     "index_str": ("index", "index_str", str, "auto", "Faiss index_factory string, or auto (see README)"),
     "index_metric": ("index", "metric", str, "cosine",
@@ -149,10 +155,10 @@ def configs_from(values: dict[str, Any], recorded: BuildConfig | None) -> BuildC
                              "--data-path 1 data/wiki_text_document")
         return BuildConfig(ChunkConfig(**sections["chunk"]), EmbedConfig(**sections["embed"]),
                            IndexConfig(**sections["index"]), QueryConfig(**sections["query"]))
-    return BuildConfig(
+    return keep_recorded_backend(BuildConfig(
         replace(recorded.chunk, **sections["chunk"]), replace(recorded.embed, **sections["embed"]),
         replace(recorded.index, **sections["index"]), replace(recorded.query, **sections["query"]),
-    )
+    ), recorded)
 
 
 def build_main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,16 @@ from .text.gpt import GPTTokenizerSpec
 
 CONFIG_VERSION = 1
 DEFAULT_BLOCK_SIZE = 1024
-EMBED_DTYPES = ("fp32", "bf16", "fp16")
+EMBED_DTYPES = ("fp32", "bf16", "fp16", "int8")
+# What runs BERT's forward pass (text/backends.py): eager torch, or the graph exported once and run by
+# ONNX Runtime or OpenVINO; auto measures them on this CPU at a workdir's first run and records the pick.
+EMBED_BACKENDS = ("torch", "onnx", "openvino", "auto")
+BACKEND_DTYPES = {
+    "torch": ("fp32", "bf16", "fp16"),
+    "onnx": ("fp32", "int8"),  # ONNX Runtime's CPU kernels have no fast bf16/fp16 path
+    "openvino": ("fp32", "bf16", "int8"),
+    "auto": EMBED_DTYPES,
+}
 STORE_DTYPES = ("float32", "float16")
 INDEX_METRICS = ("cosine", "l2")
 
@@ -131,10 +140,19 @@ class EmbedConfig:
     max_chunk_length: int = 256
     embed_dtype: str = "fp32"
     store_dtype: str = "float32"
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         if self.embed_dtype not in EMBED_DTYPES:
             raise InputError(f"--embed-dtype {self.embed_dtype!r}: choose one of {', '.join(EMBED_DTYPES)}")
+        if self.backend not in EMBED_BACKENDS:
+            raise InputError(f"--embed-backend {self.backend!r}: choose one of {', '.join(EMBED_BACKENDS)}")
+        if self.embed_dtype not in BACKEND_DTYPES[self.backend]:
+            runs = [b for b, dtypes in BACKEND_DTYPES.items() if self.embed_dtype in dtypes and b != "auto"]
+            raise InputError(
+                f"--embed-dtype {self.embed_dtype} with --embed-backend {self.backend}: {self.backend} runs "
+                f"{', '.join(BACKEND_DTYPES[self.backend])}; use --embed-backend {' or '.join(runs + ['auto'])} "
+                f"for {self.embed_dtype}")
         if self.store_dtype not in STORE_DTYPES:
             raise InputError(f"--store-dtype {self.store_dtype!r}: choose one of {', '.join(STORE_DTYPES)}")
         if not isinstance(self.max_chunk_length, int) or self.max_chunk_length < 3:
@@ -260,6 +278,13 @@ def config_differences(recorded: BuildConfig, wanted: BuildConfig) -> list[tuple
     """``(field, recorded value, wanted value)`` for every field that differs."""
     a, b = flatten(recorded.to_dict()), flatten(wanted.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def keep_recorded_backend(wanted: BuildConfig, recorded: BuildConfig | None) -> BuildConfig:
+    """``--embed-backend auto`` on a workdir that has recorded what auto picked means that pick."""
+    if recorded is None or wanted.embed.backend != "auto":
+        return wanted
+    return dataclasses.replace(wanted, embed=dataclasses.replace(wanted.embed, backend=recorded.embed.backend))
 
 
 def check_same_config(recorded: BuildConfig, wanted: BuildConfig, config_path: str) -> None:

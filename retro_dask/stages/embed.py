@@ -7,12 +7,18 @@ once (``text/embedder.py``; only the frozen ``EmbedConfig`` travels in the
 graph). The stage stores it, from ``db/chunks.zarr``, into
 ``db/embeddings.zarr`` (row i embeds chunks.zarr row i, one Zarr chunk per
 block); notebooks use the same function (``retro_dask.embed``).
+
+:func:`resolve_backend` turns ``--embed-backend auto`` into one backend at a
+workdir's first run, measured on a worker (``text/backends.py``); the build
+records it in ``config.json`` and the reason in ``W/stats/embed_backend.json``,
+which ``W/stats/embed.json`` repeats.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,7 +28,7 @@ from ..engine.executor import Executor, StoreJob
 from ..engine.targets import ZarrTarget
 from ..formats import zarr_blocks
 from ..formats.indexed_dataset import release_dataset_pages
-from ..formats.workdir import chunks_path, embeddings_path
+from ..formats.workdir import atomic_write_json, chunks_path, embeddings_path, read_json, stats_dir
 from ..text.chunk_texts import chunk_texts_of_rows
 from ..text.embedder import embedding_dim, get_embedder
 from ..text.gpt import GPTTokenizerSpec, get_gpt_tokenizer
@@ -77,14 +83,43 @@ def embed_job(ex: Executor, config: BuildConfig) -> StoreJob:
     return StoreJob("embed", target, expression)
 
 
+def backend_choice_path(workdir):
+    return stats_dir(workdir) / "embed_backend.json"
+
+
+def resolve_backend(config: BuildConfig, client, log: Callable[[str], None] = print) -> tuple[BuildConfig, dict]:
+    """``config`` with ``--embed-backend auto`` replaced by the backend measured fastest on a worker's CPU
+    (on this process without a cluster), and the choice: backend, reason, figures."""
+    from ..text.embedder import choose_here
+
+    if config.embed.backend != "auto":
+        return config, {"backend": config.embed.backend, "reason": f"--embed-backend {config.embed.backend}"}
+    log(f"--embed-backend auto: measuring the backends that run {config.embed.embed_dtype} on "
+        f"{'a worker' if client is not None else 'this machine'} (the graph is exported once per model)")
+    if client is None:
+        choice = choose_here(config.embed, log=log)
+    else:
+        choice = client.submit(choose_here, config.embed, pure=False).result()
+    log(f"--embed-backend auto -> {choice['backend']}: {choice['reason']}")
+    return dataclasses.replace(config, embed=dataclasses.replace(config.embed, backend=choice["backend"])), choice
+
+
+def record_backend_choice(workdir, choice: dict) -> None:
+    atomic_write_json(backend_choice_path(workdir), choice)
+
+
 def build_embeddings(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]:
     """Store the embeddings of every block of chunks.zarr not yet done."""
     t0 = time.perf_counter()
     job = embed_job(ex, config)
     run = ex.store([job], "embed", unit="chunks")["embed"]
     sums, memory = ex.collect("embed")
+    path = backend_choice_path(ex.workdir)
+    choice = read_json(path) if path.exists() else {"reason": f"--embed-backend {config.embed.backend}"}
     return ex.write_stats("embed", run, time.perf_counter() - t0, (sums, memory), n_chunks=job.target.shape[0],
                           dim=job.target.shape[1], embed_dtype=config.embed.embed_dtype,
+                          backend=config.embed.backend, backend_reason=choice.get("reason"),
+                          backend_figures=choice.get("figures", {}),
                           chunks_per_s=round(run.rows / max(run.seconds, 1e-9), 2),
                           padding_share=round(1 - sums.get("n_wordpieces", 0) / max(sums.get("n_padded", 0), 1), 4))
 

@@ -93,7 +93,9 @@ class BertEncoder:
                 take(p + "output.LayerNorm.weight"), take(p + "output.LayerNorm.bias"),
             ))
 
-    def __call__(self, input_ids, attention_mask):
+    def __call__(self, input_ids, attention_mask, always_mask: bool = False):
+        """``always_mask``: apply the mask even to a batch without padding (for export: a traced
+        ``attention_mask.all()`` would bake one branch into the graph)."""
         from torch.nn import functional as F
 
         batch, length = input_ids.shape
@@ -101,7 +103,7 @@ class BertEncoder:
         x = (self.word[input_ids] + self.token_type0) + self.position[:length]  # BertModel's order of sums
         x = F.layer_norm(x, (hidden,), *self.embed_norm, eps)
         # Padded keys get no attention; a batch without padding needs no mask.
-        mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        mask = attention_mask.bool()[:, None, None, :] if always_mask or not bool(attention_mask.all()) else None
         for qkv_w, qkv_b, o_w, o_b, n1_w, n1_b, i_w, i_b, f_w, f_b, n2_w, n2_b in self.layers:
             q, k, v = F.linear(x, qkv_w, qkv_b).view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -139,6 +141,37 @@ def transformers_encoder(model_dir: str, device, dtype) -> Callable:
         return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     return encode
+
+
+def export_module(model_dir: str):
+    """The fp32 encoder as a ``torch.nn.Module`` ``(input_ids, attention_mask) -> last hidden states``, for
+    ``torch.onnx.export``: ``BertEncoder`` with the mask always applied, else transformers' BertModel."""
+    import torch
+
+    encoder = BertEncoder.load(model_dir, "cpu", torch.float32)
+    if isinstance(encoder, BertEncoder):
+        class Encoder(torch.nn.Module):
+            def forward(self, input_ids, attention_mask):
+                return encoder(input_ids, attention_mask, always_mask=True)
+
+        return Encoder().eval()
+    import transformers
+    from transformers import BertModel
+
+    transformers.utils.logging.set_verbosity_error()
+    # Eager attention: its additive mask is plain tensor arithmetic, which every exporter follows.
+    model = BertModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True, add_pooling_layer=False,
+                                      attn_implementation="eager").eval()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Wrapped().eval()
 
 
 def load_bert_encoder(model_dir: str, device, dtype) -> Callable:

@@ -6,6 +6,8 @@ the WordPiece tokens, [CLS] and [SEP] excluded (Megatron's pooling). The model
 runs on plain torch (``bert_encoder``); :func:`get_embedder` caches it by its
 frozen ``EmbedConfig``, so Dask tasks ship only the config. Within a call,
 texts are batched by length (``plan/batches.py``) and results come back in order.
+The forward pass is the config's backend (``backends.py``): eager torch, or the
+exported graph on ONNX Runtime or OpenVINO.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,17 +113,28 @@ def default_device() -> str:
 
 
 class Embedder:
-    """A frozen BERT on one device, turning WordPiece id lists into pooled embeddings."""
+    """A frozen BERT on one device, turning WordPiece id lists into pooled embeddings.
+
+    ``config.backend`` picks the forward pass (``backends.py``): eager torch, on
+    a GPU where there is one, or the exported graph on the CPU (ONNX Runtime,
+    OpenVINO); ``auto`` is measured once in this process (a build resolves it
+    before any worker starts, and records it).
+    """
 
     def __init__(self, config: EmbedConfig, device: str | None = None, threads: int | None = None):
         torch = _torch()
-        from .bert_encoder import load_bert_encoder
+        from .backends import load_forward
 
+        if config.backend == "auto":
+            config = replace(config, backend=choice_in_process(config)["backend"])
         self.config = config
         self.model_dir = bert_dir(config.bert_model)
-        if device is None:
+        if config.backend != "torch":
+            device = "cpu"  # the exported graphs run on the CPU
+        elif device is None:
             device = default_device()
         self.device = torch.device(device)
+        threads = threads or worker_threads()
         if self.device.type == "cpu":
             tune_allocator()
 
@@ -128,15 +142,15 @@ class Embedder:
                 os.environ.setdefault(key, value)
             # Decided on purpose: a Dask worker's thread count (1 in the default
             # cluster, one worker per core), or every core in a plain process.
-            torch.set_num_threads(threads or worker_threads())
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.embed_dtype]
-        if self.device.type == "cpu" and not native_half_precision(dtype):
+            torch.set_num_threads(threads)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.embed_dtype)
+        if self.device.type == "cpu" and half is not None and not native_half_precision(half):
             logging.getLogger(__name__).warning(
                 "--embed-dtype %s: this CPU (%s) has no native %s matmul, so it is emulated and runs several "
                 "times slower than fp32; use --embed-dtype fp32 here", config.embed_dtype,
                 torch.backends.cpu.get_cpu_capability(), config.embed_dtype)
         model_config = check_bert_dir(self.model_dir)
-        self.model = load_bert_encoder(self.model_dir, self.device, dtype)
+        self.model = load_forward(config.backend, self.model_dir, config.embed_dtype, self.device, threads)
         self.dim = int(model_config["hidden_size"])
         self.tokenizer = get_bert_tokenizer(BertTokenizerSpec(self.model_dir))
         self.batch_size = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
@@ -202,6 +216,19 @@ class Embedder:
 def get_embedder(config: EmbedConfig, device: str | None = None) -> Embedder:
     """This process's Embedder for ``config``: the model is loaded once per worker."""
     return Embedder(config, device)
+
+
+def choose_here(config: EmbedConfig, threads: int | None = None, log=None) -> dict:
+    """``--embed-backend auto`` measured in this process (a build runs it on a worker): ``backends.choose_backend``."""
+    from .backends import choose_backend
+
+    return choose_backend(config, Embedder, default_device(), threads, log=log)
+
+
+@functools.lru_cache(maxsize=4)
+def choice_in_process(config: EmbedConfig) -> dict:
+    """``auto`` outside a build (a notebook's Embedder): measured once per process."""
+    return choose_here(config)
 
 
 def embed_texts(texts: Sequence[str], config: EmbedConfig | None = None) -> np.ndarray:
