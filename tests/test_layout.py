@@ -119,3 +119,15 @@ def test_layers_import_only_downwards(layer, forbidden):
 def test_no_module_is_over_about_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_only_the_executor_writes_completion_records():
+    """Completion has one form, owned by the executor: no other module appends to, clears or forgets a ledger."""
+    import re
+
+    writes = re.compile(r"(Ledger\([^)]*\)|\bledgers?\b(\[[^\]]*\])?)\.(append|clear|forget|start)\(")
+    owners = {"retro_dask/formats/ledger.py", "retro_dask/engine/executor.py"}
+    bad = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in PACKAGE.rglob("*.py")
+           if str(p.relative_to(ROOT)) not in owners
+           for n, line in enumerate(p.read_text().splitlines(), 1) if writes.search(line)]
+    assert not bad, "\n".join(bad)

@@ -146,6 +146,21 @@ class Executor:
             run.seconds = seconds
         return runs
 
+    # -- completion records written outside store()
+
+    def record(self, stage: str, records: Iterable[dict[str, Any]], fingerprint: str = "", fresh: bool = False) -> None:
+        """Record blocks that a stage finished as one task or on the driver (a trained index, the document
+        index, the sample): the ledger is written here and in ``store`` only. ``fresh`` drops earlier records."""
+        ledger = Ledger(self.workdir, stage, fingerprint)
+        if fresh:
+            ledger.clear()
+        ledger.append(records)
+
+    def forget(self, stage: str, blocks: Iterable[int] | None = None, fingerprint: str = "") -> None:
+        """Drop the records of ``blocks`` of a stage (all of them when None): they are computed again."""
+        ledger = Ledger(self.workdir, stage, fingerprint)
+        ledger.clear() if blocks is None else ledger.forget(blocks)
+
     # -- computing lazy results for the driver
 
     def gather(self, tasks: Iterable[Any], desc: str | None = None, total: int | None = None) -> Iterator[Any]:

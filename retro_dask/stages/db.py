@@ -115,8 +115,8 @@ def write_doc_index(ex: Executor, n_chunks: int, block_rows: int) -> None:
     from .index import file_sha256
 
     files = [doc_starts_path(w), doc_keys_path(w)]
-    ledger.append([{"block": 0, "rows": [0, 1], "files": file_sizes(w, files),
-                    "sha256": {os.path.relpath(p, w): file_sha256(p) for p in files}}])
+    ex.record("db-docs", [{"block": 0, "rows": [0, 1], "files": file_sizes(w, files),
+                           "sha256": {os.path.relpath(p, w): file_sha256(p) for p in files}}])
 
 
 def raw_to_npy(raw, out, dtype, n: int) -> None:
@@ -158,12 +158,12 @@ def write_sample(ex: Executor, config: BuildConfig, valid_per_dataset: Sequence[
     n_sampled = sum(share)
     B = config.chunk.block_size
     target = ZarrTarget.create(w, "db-sampled", sampled_path(w), (n_sampled,), np.int64, B)
-    ledger = Ledger(w, "db-sampled", f"n={n_sampled}")
-    done = ledger.done_blocks(target.n_blocks, target.rows)
+    fingerprint = f"n={n_sampled}"
+    done = Ledger(w, "db-sampled", fingerprint).done_blocks(target.n_blocks, target.rows)
     for b, rows in enumerate(rebatch(blocks, B)):
         if b not in done:
             target.write_block(b, rows)
-            ledger.append([target.record(b)])
+            ex.record("db-sampled", [target.record(b)], fingerprint)
     return share
 
 

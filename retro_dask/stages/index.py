@@ -184,8 +184,8 @@ def train_index(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]:
     log(f"[index-train] training {plan.factory} on {n_sampled} chunks with {threads} threads")
     result = ex.compute(dask.delayed(train_task, pure=False)(w, plan.tag, plan.factory, threads,
                                                             dask_key_name=f"index-train-{plan.tag}"))
-    ledger.append([{"block": 0, "rows": [0, n_sampled], "files": file_sizes(w, [path]), "tag": plan.tag,
-                    "factory": plan.factory, "nlist": plan.nlist, "sha256": result["sha256"]}])
+    ex.record("index-train", [{"block": 0, "rows": [0, n_sampled], "files": file_sizes(w, [path]), "tag": plan.tag,
+                               "factory": plan.factory, "nlist": plan.nlist, "sha256": result["sha256"]}], fresh=True)
     return ex.write_stats("index-train", None, time.perf_counter() - t0, factory=plan.factory, tag=plan.tag, **result)
 
 
@@ -383,11 +383,11 @@ def add_to_index(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]
     if result["ntotal"] != n:
         raise RuntimeError(f"assembled index holds {result['ntotal']} entries, expected {n}")
     files = [added_index_path(w, tag)] + ([added_ivfdata_path(w, tag)] if config.index.on_disk else [])
-    final_ledger.append([{"block": 0, "rows": [0, n], "files": file_sizes(w, files), "ntotal": n,
-                          "sha256": result["sha256"], "tag": tag}])
+    ex.record("index-add", [{"block": 0, "rows": [0, n], "files": file_sizes(w, files), "ntotal": n,
+                             "sha256": result["sha256"], "tag": tag}], fingerprint)
     # The partials and their records are spent once the final index is recorded.
     shutil.rmtree(index_partials_dir(w, tag), ignore_errors=True)
-    Ledger(w, "index-encode").clear()
+    ex.forget("index-encode")
     seconds = time.perf_counter() - t0
     levels, left = 0, len(folders)
     while left > index_plan.FAN_IN:
