@@ -38,6 +38,13 @@ def _int_or_none(v: str) -> int | None:
     return None if str(v).lower() in ("none", "auto", "") else int(v)
 
 
+def _nprobe(v: Any) -> int | str | None:
+    text = str(v).lower()
+    if text == "auto":
+        return "auto"
+    return None if text in ("none", "default") else int(v)
+
+
 def _bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -85,7 +92,11 @@ SHAPING: dict[str, tuple[str, str, Callable[[Any], Any], Any, str]] = {
     "test_samples": ("query", "test_samples", _int_or_none, None, "test samples (default: one epoch)"),
     "num_neighbors_query": ("query", "num_neighbors_query", int, 200, "neighbours searched per chunk"),
     "num_neighbors_save": ("query", "num_neighbors_save", int, 20, "neighbours saved per chunk after the filter"),
-    "query_nprobe": ("query", "nprobe", _int_or_none, None, "IVF lists probed per query (default: nlist/8, >= 16)"),
+    "query_nprobe": ("query", "nprobe", _nprobe, "auto",
+                     "IVF lists probed per query: a number, or auto (the smallest reaching --target-recall)"),
+    "target_recall": ("query", "target_recall", float, 0.95,
+                      "recall@10 that --query-nprobe auto must reach, against exact search with the same filter"),
+    "tune_queries": ("query", "tune_queries", int, 2000, "query chunks (train and valid) that tune measures recall on"),
     "query_ef_search": ("query", "ef_search", int, 64, "HNSW efSearch of the coarse quantizer"),
 }
 

@@ -193,18 +193,27 @@ class QueryConfig:
     test_samples: int | None = None
     num_neighbors_query: int = 200
     num_neighbors_save: int = 20
-    nprobe: int | None = None
+    # "auto": the smallest nprobe whose recall@10 reaches target_recall (stages/tune.py); an int: that
+    # many lists; None: nlist / 8 (what workdirs made before "auto" recorded).
+    nprobe: int | str | None = "auto"
     ef_search: int = 64
+    target_recall: float = 0.95
+    tune_queries: int = 2000
 
     def __post_init__(self) -> None:
-        for name in ("seq_length", "num_neighbors_query", "num_neighbors_save", "ef_search"):
+        for name in ("seq_length", "num_neighbors_query", "num_neighbors_save", "ef_search", "tune_queries"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise InputError(f"--{name.replace('_', '-')} {v!r} must be a positive integer")
-        for name in ("train_samples", "valid_samples", "test_samples", "nprobe"):
+        for name in ("train_samples", "valid_samples", "test_samples"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise InputError(f"--{name.replace('_', '-')} {v!r} must be a non-negative integer")
+        if not (self.nprobe is None or self.nprobe == "auto" or (isinstance(self.nprobe, int) and self.nprobe > 0)):
+            raise InputError(f"--query-nprobe {self.nprobe!r}: give a positive number of lists, or auto (the "
+                             "smallest that reaches --target-recall)")
+        if not (isinstance(self.target_recall, (int, float)) and 0 < self.target_recall <= 1):
+            raise InputError(f"--target-recall {self.target_recall!r} must be a recall@10 in (0, 1], e.g. 0.95")
         if self.num_neighbors_save > self.num_neighbors_query:
             raise InputError(
                 f"--num-neighbors-save {self.num_neighbors_save} is larger than --num-neighbors-query "
@@ -247,6 +256,10 @@ class BuildConfig:
 
     def to_json(self) -> str:
         return json.dumps({**self.to_dict(), "fingerprint": self.fingerprint()}, indent=2, sort_keys=True) + "\n"
+
+    def to_json_with(self, **extra: Any) -> str:
+        """config.json with more top-level sections (``tuned``: what --query-nprobe auto chose) beside the settings."""
+        return json.dumps({**self.to_dict(), "fingerprint": self.fingerprint(), **extra}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":

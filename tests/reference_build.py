@@ -48,10 +48,12 @@ def machine_signature() -> dict:
             "torch": torch.__version__, "faiss": faiss.__version__, "machine": platform.machine()}
 
 
-def build_flags(workdir, corpus, bert) -> list[str]:
+def build_flags(workdir, corpus, bert, nprobe_flag: bool = True) -> list[str]:
+    """The reference build's flags. ``--query-nprobe default`` is what the code that recorded the hashes did
+    without the flag (nlist / 8, at least 16); later code tunes nprobe by default."""
     return ["--workdir", str(workdir), "--tasks", "build", "--data-path", "1", str(corpus), "--bert-model", str(bert),
             "--seq-length", "256", "--block-size", "256", "--split", "90,10,0", "--n-workers", "2",
-            "--dashboard-address", "127.0.0.1:0", "--no-progress"]
+            "--dashboard-address", "127.0.0.1:0", "--no-progress"] + (["--query-nprobe", "default"] if nprobe_flag else [])
 
 
 def _array_hash(path: Path) -> str:

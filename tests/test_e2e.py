@@ -212,8 +212,8 @@ def test_same_bytes_on_a_dask_scheduler_with_two_workers(built_workdir, tmp_path
     from dask.utils import key_split
 
     names = {key_split(t["key"]) for t in stream.data}
-    assert {"db-candidates", "db-chunks", "db-docs", "embed", "index-train", "index-encode", "index-add",
-            "query-train", "query-valid", "store-map"} <= names, names
+    assert {"db-candidates", "db-chunks", "db-docs", "embed", "index-train", "index-encode", "index-add", "tune",
+            "query-train", "query-valid", "leakage-valid", "store-map"} <= names, names
 
 
 def test_workers_of_a_dask_scheduler_get_the_allocator_settings(tmp_path):

@@ -78,6 +78,11 @@ def query_meta_path(w, split: str) -> Path:
     return query_dir(w, split) / "meta.json"
 
 
+def tune_dir(w) -> Path:
+    """The query chunks the tune measured recall on, and their embeddings (reused by query-neighbors)."""
+    return Path(w) / "query" / "tune"
+
+
 def stats_dir(w) -> Path:
     return Path(w) / "stats"
 

@@ -321,3 +321,24 @@ def lookup_documents(first_row: np.ndarray, keys: np.ndarray, rows: np.ndarray) 
     pos = np.searchsorted(first_row, rows, side="right") - 1
     out = np.asarray(keys)[np.clip(pos, 0, None)]
     return np.where(rows < 0, -1, out)
+
+
+def continuation_rows(rows: np.ndarray, chunk_table, n_chunks: int, r: int) -> np.ndarray:
+    """``[..., r]`` rows: each neighbour row and the next ``r - 1`` rows of the same document.
+
+    ``chunk_table(ids)`` returns chunks.zarr rows (dataset, document, ...) for
+    sorted unique ids. -1 wherever the neighbour is missing or the document ended.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cand = rows[..., None] + np.arange(r, dtype=np.int64)
+    ok = (rows[..., None] >= 0) & (cand < n_chunks)
+    needed = np.unique(cand[ok])
+    if len(needed):
+        table = chunk_table(needed)
+        key = doc_key(table[:, 0], table[:, 1])
+        pos = np.searchsorted(needed, np.where(ok, cand, needed[0]))
+        keys = np.where(ok, key[pos], -1)
+        same = keys == keys[..., :1]
+        # Once a continuation leaves the document, every later one is padding too.
+        ok &= np.cumprod(same, axis=-1).astype(bool)
+    return np.where(ok, cand, -1)

@@ -28,10 +28,11 @@ import numpy as np
 from ..config import BuildConfig
 from ..errors import InputError
 from ..formats import zarr_blocks
-from ..formats.indexed_dataset import open_dataset
+from ..formats.chunk_tokens import neighbor_tokens
 from ..formats.sample_maps import Samples
 from ..formats.workdir import chunks_path, config_path, neighbors_path, read_json
 from ..plan.chunks import SPLIT_NAMES
+from ..plan.ngrams import overlap_shares
 
 try:  # the dataset is a torch Dataset when torch is there (it always is with retro-dask)
     from torch.utils.data import Dataset as _TorchDataset
@@ -39,31 +40,11 @@ except ImportError:  # pragma: no cover
     _TorchDataset = object
 
 
-def continuation_rows(rows: np.ndarray, chunk_table, n_chunks: int, r: int) -> np.ndarray:
-    """``[..., r]`` rows: each neighbour row and the next ``r - 1`` rows of the same document.
-
-    ``chunk_table(ids)`` returns chunks.zarr rows (dataset, document, ...) for
-    sorted unique ids. -1 wherever the neighbour is missing or the document ended.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    cand = rows[..., None] + np.arange(r, dtype=np.int64)
-    ok = (rows[..., None] >= 0) & (cand < n_chunks)
-    needed = np.unique(cand[ok])
-    if len(needed):
-        table = chunk_table(needed)
-        key = (table[:, 0] << 40) | table[:, 1]
-        pos = np.searchsorted(needed, np.where(ok, cand, needed[0]))
-        keys = np.where(ok, key[pos], -1)
-        same = keys == keys[..., :1]
-        # Once a continuation leaves the document, every later one is padding too.
-        ok &= np.cumprod(same, axis=-1).astype(bool)
-    return np.where(ok, cand, -1)
-
-
 class RetroDataset(_TorchDataset):
     """Map-style dataset of one split's samples and their neighbours (see the module doc)."""
 
-    def __init__(self, workdir: str | Path, split: str, num_neighbors: int = 2, num_retrieved_chunks: int = 2):
+    def __init__(self, workdir: str | Path, split: str, num_neighbors: int = 2, num_retrieved_chunks: int = 2,
+                 max_overlap: float | None = None):
         if split not in SPLIT_NAMES:
             raise InputError(f"split {split!r}: choose one of {', '.join(SPLIT_NAMES)}")
         self.workdir = str(Path(workdir).absolute())
@@ -81,6 +62,10 @@ class RetroDataset(_TorchDataset):
             raise InputError(f"num_neighbors {num_neighbors}: the workdir saved {saved} neighbours per chunk")
         if num_retrieved_chunks < 1:
             raise InputError(f"num_retrieved_chunks {num_retrieved_chunks} must be at least 1")
+        if max_overlap is not None and not 0 <= max_overlap <= 1:
+            raise InputError(f"max_overlap {max_overlap}: give the share of a chunk's 13-grams (0 to 1) above "
+                             "which a neighbour is masked, or None")
+        self.max_overlap = max_overlap
         self.num_neighbors = num_neighbors
         self.num_retrieved_chunks = num_retrieved_chunks
         from ..text.gpt import get_gpt_tokenizer
@@ -137,23 +122,22 @@ class RetroDataset(_TorchDataset):
         text = self.samples.tokens(i)
         dataset_idx, docs = self.samples.documents(i)
         nb = self.neighbor_rows(i)
-        n_chunks = self._array("chunks").shape[0]
-        rows = continuation_rows(nb, self.chunk_rows, n_chunks, self.num_retrieved_chunks)
-        tokens = np.full(rows.shape + (self.chunk_length,), self.pad, dtype=np.int64)
-        valid = rows >= 0
-        if valid.any():
-            ids = np.unique(rows[valid])
-            table = self.chunk_rows(ids)
-            prefixes = self.config.chunk.data.prefixes
-            by_id = {int(r): t for r, t in zip(ids, table)}
-            for idx in zip(*np.nonzero(valid)):
-                d, doc, s, e, _ = by_id[int(rows[idx])]
-                tokens[idx][: e - s] = open_dataset(prefixes[int(d)]).get(int(doc), int(s), int(e - s))
+        rows, tokens = neighbor_tokens(nb, self.chunk_rows, self._array("chunks").shape[0], self.num_retrieved_chunks,
+                                       self.config.chunk.data.prefixes, self.chunk_length, self.pad)
+        mask = nb >= 0
+        if self.max_overlap is not None:
+            # The paper's filtered evaluation: a neighbour holding more than max_overlap of the chunk's
+            # 13-grams is masked and padded, as a missing one is.
+            chunks = text[: self.chunks_per_sample * self.chunk_length].reshape(self.chunks_per_sample, -1)
+            leaked = mask & (overlap_shares(chunks, tokens, self.pad) > self.max_overlap)
+            mask &= ~leaked
+            rows[leaked] = -1
+            tokens[leaked] = self.pad
         return {
             "text": torch.from_numpy(text),
             "dataset_idx": int(dataset_idx),
             "document_ids": torch.from_numpy(docs.copy()),
             "neighbor_chunks": torch.from_numpy(rows),
-            "neighbor_tokens": torch.from_numpy(tokens.reshape(rows.shape[0], rows.shape[1], -1)),
-            "neighbor_mask": torch.from_numpy(nb >= 0),
+            "neighbor_tokens": torch.from_numpy(tokens),
+            "neighbor_mask": torch.from_numpy(mask),
         }

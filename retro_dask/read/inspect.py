@@ -91,6 +91,7 @@ def print_usage() -> None:
         "  print_neighbor_texts('train', 0, 0)  -> prints a sample chunk and its neighbours' texts",
         "  gpt_to_text(tokens), text_to_bert(text), search(text, k=5)",
         "  workdir().chunks, .embeddings, .neighbors['train']  -> lazy Dask arrays; retro_dask.embed(...) embeds",
+        "  tune_report(), leakage_report()      -> recall against nprobe, and evaluation leakage (with their plots)",
     ]
     print("\n".join(lines))
 
@@ -241,7 +242,7 @@ def text_to_bert(text: str) -> list[int]:
 def search(text: str, k: int = 5, nprobe: int | None = None) -> list[tuple[int, float, str]]:
     """Nearest database chunks of any text: ``(row, distance, chunk text)``."""
     from ..stages.index import index_complete, trained
-    from ..stages.query import query_nprobe, searcher
+    from ..stages.query import search_settings, searcher
     from ..text.embedder import get_embedder
 
     w = _w()
@@ -249,6 +250,53 @@ def search(text: str, k: int = 5, nprobe: int | None = None) -> list[tuple[int, 
         raise InputError(f"{w.path} has no added index yet: run --tasks index-build")
     tag = trained(w.path)["tag"]
     x = get_embedder(w.config.embed).embed_texts([text])
-    index = searcher(w.path, tag, nprobe or query_nprobe(w.config, w.path), w.config.query.ef_search)
+    probe, ef_search = search_settings(w.config, w.path)
+    index = searcher(w.path, tag, nprobe or probe, ef_search)
     dist, ids = index.search(x, k)
     return [(int(i), float(d), get_db_chunk_text(int(i))) for d, i in zip(dist[0], ids[0]) if i >= 0]
+
+
+# ---------------------------------------------------------------- reports
+
+
+def _report(name: str) -> dict[str, Any]:
+    """``W/stats/<name>.json``, with ``<name>.png`` shown when IPython can display it."""
+    import json
+    from pathlib import Path
+
+    from ..formats.workdir import stats_dir
+
+    folder = stats_dir(_w().path)
+    try:
+        stats = json.loads((folder / f"{name}.json").read_text())
+    except OSError:
+        raise InputError(f"{_w().path} has no {name} figures yet: run scripts/build.py --workdir {_w().path} "
+                         f"--tasks {name}") from None
+    png = Path(folder / f"{name}.png")
+    if png.exists():
+        try:
+            from IPython.display import Image, display
+
+            display(Image(filename=str(png)))
+        except ImportError:  # not in IPython: the figures alone
+            pass
+    return stats
+
+
+def tune_report() -> dict[str, Any]:
+    """The nprobe tune: recall@10 and query chunks/s against nprobe (tune.png), and the chosen point."""
+    stats = _report("tune")
+    c = stats["chosen"]
+    print(f"target recall@10 {stats['target_recall']}: nprobe {c['nprobe']}"
+          + (f", efSearch {c['ef_search']}" if c.get("ef_search") else "")
+          + f" gives {c['recall_at_10']:.4f} on {stats['queries']} query chunks")
+    return stats
+
+
+def leakage_report() -> dict[str, Any]:
+    """Evaluation leakage: the histogram of the valid and test chunks' 13-gram overlap with their neighbours."""
+    stats = _report("leakage")
+    for split, r in stats.get("splits", {}).items():
+        print(f"{split}: {r['n_chunks']:,} chunks, mean overlap {r['mean']:.3f}, above 0.5: {r['share_above_0.5']:.3f}, "
+              f"above 0.8: {r['share_above_0.8']:.3f}")
+    return stats

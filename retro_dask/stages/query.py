@@ -33,7 +33,15 @@ from ..formats.faiss_index import faiss, index_chain, load_index
 from ..formats.indexed_dataset import release_dataset_pages
 from ..formats.ledger import Ledger
 from ..formats.sample_maps import Samples, prepare_samples, write_query_meta
-from ..formats.workdir import added_index_path, doc_keys_path, doc_starts_path, neighbors_path, read_json, query_meta_path
+from ..formats.workdir import (
+    added_index_path,
+    doc_keys_path,
+    doc_starts_path,
+    neighbors_path,
+    query_meta_path,
+    read_json,
+    tune_dir,
+)
 from ..plan.chunks import SPLIT_NAMES, doc_key, lookup_documents
 from ..plan.index import default_nprobe
 from ..text.chunk_texts import chunk_texts
@@ -56,12 +64,33 @@ class QueryJob:
     nprobe: int
     ef_search: int
     samples_hash: str
+    reuse_tune: bool = False  # take the tune's embeddings of its query chunks instead of computing them again
 
     @property
     def fingerprint(self) -> str:
         """What the neighbours are computed from, beyond config.json: the samples, the index, the search."""
         index_sha = Ledger(self.workdir, "index-train").record(0)["sha256"]
         return f"{self.samples_hash}:{index_sha}:{self.nprobe}:{self.ef_search}"
+
+
+# The splits whose chunks tune measures recall on.
+TUNE_SPLITS = ("train", "valid")
+
+
+@functools.lru_cache(maxsize=2)
+def _tune_embeddings(folder: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    return (np.load(os.path.join(folder, "picks.npy"), allow_pickle=False),
+            np.load(os.path.join(folder, "embeddings.npy"), allow_pickle=False))
+
+
+def tune_embeddings(workdir: str, split: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``lo:hi`` of ``split`` that the tune embedded (sorted, relative to ``lo``), and their embeddings."""
+    if split not in TUNE_SPLITS:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    folder = str(tune_dir(workdir))
+    picks, emb = _tune_embeddings(folder, os.stat(os.path.join(folder, "embeddings.npy")).st_mtime_ns)
+    sel = (picks[:, 0] == TUNE_SPLITS.index(split)) & (picks[:, 1] >= lo) & (picks[:, 1] < hi)
+    return picks[sel, 1] - lo, emb[sel]
 
 
 @functools.lru_cache(maxsize=8)
@@ -198,9 +227,15 @@ def neighbors_of_block(tokens: np.ndarray, job: QueryJob, offset: int, block_inf
     sample_ids = range((offset + lo) // cps, (offset + hi) // cps)
     pair_sample, pair_key = sample_documents(samples, sample_ids)
     embedder = get_embedder(job.embed)
-    texts = chunk_texts(job.gpt, list(tokens))
+    reused, x_reused = (tune_embeddings(job.workdir, job.split, offset + lo, offset + hi) if job.reuse_tune
+                        else (np.zeros(0, np.int64), None))
+    rest = np.setdiff1d(np.arange(len(tokens)), reused)
+    texts = chunk_texts(job.gpt, list(tokens[rest]))
     ids = embedder.tokenizer.encode_for_model(texts, job.embed.max_chunk_length, num_threads=1)
-    x = embedder.embed_ids(ids)
+    x = np.empty((len(tokens), embedder.dim), np.float32)
+    x[rest] = embedder.embed_ids(ids)
+    if len(reused):
+        x[reused] = x_reused
     t_embed = time.perf_counter()
     index = searcher(job.workdir, job.tag, job.nprobe, job.ef_search, job.k_query)
     faiss().omp_set_num_threads(block_task_threads())
@@ -209,7 +244,8 @@ def neighbors_of_block(tokens: np.ndarray, job: QueryJob, offset: int, block_inf
     first_row, keys = document_lookup(job.workdir)
     kept = filter_neighbors(found, lookup_documents(first_row, keys, found), np.repeat(np.arange(len(sample_ids)), cps),
                             pair_sample, pair_key, job.k_save)
-    figures.add(f"query-{job.split}", n_rows=len(kept), embed_seconds=t_embed - t0, search_seconds=t_search - t_embed,
+    figures.add(f"query-{job.split}", n_rows=len(kept), n_reused=len(reused), embed_seconds=t_embed - t0,
+                search_seconds=t_search - t_embed,
                 filter_seconds=time.perf_counter() - t_search, n_found_short=int((kept[:, -1] < 0).sum()))
     return kept
 
@@ -232,21 +268,30 @@ def query_rows_per_block(config: BuildConfig) -> int:
     return max(cps, (config.chunk.block_size // cps) * cps)
 
 
-def query_nprobe(config: BuildConfig, workdir: str) -> int:
-    if config.query.nprobe:
-        return int(config.query.nprobe)
-    return default_nprobe(int(trained(workdir).get("nlist", 0)))
+def search_settings(config: BuildConfig, workdir: str) -> tuple[int, int]:
+    """nprobe and efSearch of the search: the flags, or what tune chose for ``--query-nprobe auto``."""
+    q = config.query
+    if q.nprobe == "auto":
+        rec = Ledger(workdir, "tune").record(0)
+        if rec is None:
+            raise InputError(f"{workdir}: --query-nprobe auto needs the tune's choice: run --tasks tune "
+                             "(query-neighbors runs it when it is missing)")
+        return int(rec["nprobe"]), int(rec["ef_search"])
+    if q.nprobe is None:  # workdirs made before "auto": an eighth of the lists
+        return default_nprobe(int(trained(workdir).get("nlist", 0))), q.ef_search
+    return int(q.nprobe), q.ef_search
 
 
-def split_job(ex: Executor, config: BuildConfig, split: str, nprobe: int):
+def split_job(ex: Executor, config: BuildConfig, split: str, settings: tuple[int, int]):
     """The split's samples plan and the StoreJob of its neighbours."""
     w = ex.workdir
     plan = prepare_samples(w, config, split)
     samples_hash = plan.to_dict()["hash"]
     n_rows = plan.n_samples * plan.chunks_per_sample
+    nprobe, ef_search = settings
     job = QueryJob(w, split, trained(w)["tag"], config.embed, config.chunk.gpt_spec(),
-                   config.query.num_neighbors_query, config.query.num_neighbors_save, nprobe, config.query.ef_search,
-                   samples_hash)
+                   config.query.num_neighbors_query, config.query.num_neighbors_save, nprobe, ef_search,
+                   samples_hash, reuse_tune=config.query.nprobe == "auto")
     target = ZarrTarget.create(w, f"query-{split}", neighbors_path(w, split), (n_rows, config.query.num_neighbors_save),
                                np.int64, query_rows_per_block(config), fill_value=-1)
     return plan, StoreJob(f"query-{split}", target,
@@ -259,8 +304,8 @@ def query_all_splits(ex: Executor, config: BuildConfig, log=print) -> dict[str, 
     t0 = time.perf_counter()
     if not index_complete(w):
         raise InputError(f"{w} has no finished index: run --tasks index-add (or index-build) first")
-    nprobe = query_nprobe(config, w)
-    jobs = {split: split_job(ex, config, split, nprobe) for split in SPLIT_NAMES}
+    nprobe, ef_search = search_settings(config, w)
+    jobs = {split: split_job(ex, config, split, (nprobe, ef_search)) for split in SPLIT_NAMES}
     runs = ex.store([job for _, job in jobs.values()], "query-neighbors", unit="chunks")
     load = {k: v for k, v in {"scheduler_tasks_max": ex.take_max_scheduler_tasks()}.items() if v is not None}
     per_split: dict[str, Any] = {}
@@ -279,7 +324,8 @@ def query_all_splits(ex: Executor, config: BuildConfig, log=print) -> dict[str, 
             for who, v in s.get(label, {}).items():
                 peaks.setdefault(label, {})[who] = max(peaks.get(label, {}).get(who, 0.0), v)
     seconds = time.perf_counter() - t0
-    return ex.write_stats("query-neighbors", None, seconds, nprobe=nprobe, n_query_chunks=total, splits=per_split,
+    return ex.write_stats("query-neighbors", None, seconds, nprobe=nprobe, ef_search=ef_search,
+                          n_query_chunks=total, splits=per_split,
                           chunks_per_s=round(total / max(seconds, 1e-9), 2), **peaks, **load)
 
 

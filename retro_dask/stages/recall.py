@@ -18,7 +18,7 @@ from ..formats.faiss_index import faiss
 from ..formats.workdir import embeddings_path, neighbors_path
 from ..plan.chunks import doc_key, lookup_documents
 from .index import gather_rows, trained
-from .query import document_lookup, filter_neighbors, open_samples, query_complete, query_nprobe, searcher
+from .query import document_lookup, filter_neighbors, open_samples, query_complete, search_settings, searcher
 
 N_INDEX_QUERIES = 1000
 N_NEIGHBOR_QUERIES = 500
@@ -102,10 +102,10 @@ def recall_figures(ex: Executor, config: BuildConfig, rng: np.random.Generator, 
     tag = trained(w)["tag"]
     n_chunks = zarr_blocks.open_format(embeddings_path(w)).shape[0]
     cosine = config.index.metric == "cosine"
-    nprobe = query_nprobe(config, w)
+    nprobe, ef_search = search_settings(config, w)
     rows = np.sort(rng.choice(n_chunks, size=min(N_INDEX_QUERIES, n_chunks), replace=False))
     out: dict[str, Any] = {}
-    r = ex.compute(dask.delayed(_index_recall, pure=False)(w, tag, rows, nprobe, config.query.ef_search, cosine))
+    r = ex.compute(dask.delayed(_index_recall, pure=False)(w, tag, rows, nprobe, ef_search, cosine))
     out["recall_at_10_index"] = round(r, 4)
     log(f"[verify] recall@10 of the index (nprobe {nprobe}) against exact search on {len(rows)} chunks: {r:.4f}")
     splits = [s for s in SPLIT_NAMES if query_complete(w, s)]

@@ -8,9 +8,9 @@ from ..config import BuildConfig
 from ..engine.executor import Executor
 from ..errors import InputError
 
-STAGES = ("db-build", "embed", "index-train", "index-add", "query-neighbors", "verify")
+STAGES = ("db-build", "embed", "index-train", "index-add", "tune", "query-neighbors", "leakage", "verify")
 GROUPS = {
-    "build": ("db-build", "embed", "index-train", "index-add", "query-neighbors"),
+    "build": ("db-build", "embed", "index-train", "index-add", "query-neighbors", "leakage"),
     "index-build": ("embed", "index-train", "index-add"),
 }
 
@@ -56,8 +56,20 @@ def run_stage(stage: str, ex: Executor, config: BuildConfig, log=print) -> dict[
         from .index import add_to_index
 
         return add_to_index(ex, config, log=log)
+    if stage == "tune":
+        from .tune import run_tune
+
+        return run_tune(ex, config, log=log)
     if stage == "query-neighbors":
         from .query import query_all_splits
+        from .tune import run_tune, tune_is_current
 
+        if config.query.nprobe == "auto" and not tune_is_current(ex.workdir, config):
+            log(f"[query-neighbors] --query-nprobe auto: tuning nprobe for recall@10 >= {config.query.target_recall}")
+            run_tune(ex, config, log=log)
         return query_all_splits(ex, config, log=log)
+    if stage == "leakage":
+        from .leakage import run_leakage
+
+        return run_leakage(ex, config, log=log)
     raise InputError(f"unknown stage {stage!r}")

@@ -147,7 +147,7 @@ def forget(ex: Executor, job: StoreJob, check: Check) -> None:
                 os.unlink(f)
             except FileNotFoundError:
                 pass
-    Ledger(ex.workdir, job.stage, job.fingerprint).forget(check.bad)
+    ex.forget(job.stage, check.bad, job.fingerprint)
 
 
 def rebuilt_same(job: StoreJob, check: Check) -> bool:
@@ -208,7 +208,7 @@ def settle(ex: Executor, config: BuildConfig, group: str, checks: list, log, ext
     return "rebuilt" if all(rebuilt_same(job, c) for job, c in bad) else "changed"
 
 
-def clear_downstream(workdir: str, group: str) -> list[str]:
+def clear_downstream(ex: Executor, group: str) -> list[str]:
     """Forget every record computed from ``group``'s outputs; return the stages to run again."""
     order = ["db-build", "embed", "index-add", "query-neighbors"]
     later = order[order.index(group) + 1 :]
@@ -216,7 +216,7 @@ def clear_downstream(workdir: str, group: str) -> list[str]:
         names = {"embed": ["embed"], "index-add": ["index-encode", "index-add"],
                  "query-neighbors": [f"query-{s}" for s in SPLIT_NAMES]}.get(stage, [])
         for name in names:
-            Ledger(workdir, name).clear()
+            ex.forget(name)
     return later
 
 
@@ -310,7 +310,7 @@ def verify_workdir(ex: Executor, config: BuildConfig, fraction: float, log=print
     from .db import db_complete
     from .embed import embed_complete, embed_job
     from .index import index_complete
-    from .query import query_complete, query_nprobe, split_job
+    from .query import query_complete, search_settings, split_job
     from .recall import recall_figures
 
     w = ex.workdir
@@ -330,18 +330,18 @@ def verify_workdir(ex: Executor, config: BuildConfig, fraction: float, log=print
         if result:
             rebuilt.append(group)
         if result == "changed":
-            for stage in clear_downstream(w, group):
+            for stage in clear_downstream(ex, group):
                 if stage not in rerun:
                     rerun.append(stage)
 
     checks, docs_ok = db_checks(ex, config, fraction, rng, log)
     record(checks)
     if not docs_ok:
-        Ledger(w, "db-docs").clear()
+        ex.forget("db-docs")
     result = settle(ex, config, "db-build", checks, log, extra_bad=not docs_ok)
     if result == "changed":  # the database itself may differ: everything after the length pass again
         for name in ("db-chunks", "db-docs", "db-sampled"):
-            Ledger(w, name).clear()
+            ex.forget(name)
         run_stage("db-build", ex, config, log)
     outcome("db-build", result)
 
@@ -356,16 +356,16 @@ def verify_workdir(ex: Executor, config: BuildConfig, fraction: float, log=print
         problems = check_index(ex, config, fraction, rng, log)
         stats["stages"]["index"] = {"problems": problems["index-train"] + problems["index-add"]}
         if problems["index-train"]:
-            Ledger(w, "index-train").clear()
+            ex.forget("index-train")
             run_stage("index-train", ex, config, log)
         if problems["index-train"] or problems["index-add"]:
-            Ledger(w, "index-add").clear()
+            ex.forget("index-add")
             # A trained index of other bytes has another sha256: the records of what used it are void.
             outcome("index-add", "changed" if problems["index-train"] else "rebuilt")
             run_stage("index-add", ex, config, log)
 
     if not rerun and index_complete(w):
-        nprobe = query_nprobe(config, w)
+        settings = search_settings(config, w)
         checks = []
         for split in SPLIT_NAMES:
             if not query_complete(w, split):
@@ -376,7 +376,7 @@ def verify_workdir(ex: Executor, config: BuildConfig, fraction: float, log=print
                 import shutil
 
                 shutil.rmtree(samples_dir(w, split), ignore_errors=True)
-            _, job = split_job(ex, config, split, nprobe)
+            _, job = split_job(ex, config, split, settings)
             checks.append((job, check_array(ex, job, fraction, rng, compare_neighbors, log)))
         record(checks)
         outcome("query-neighbors", settle(ex, config, "query-neighbors", checks, log))
