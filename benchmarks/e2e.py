@@ -229,6 +229,19 @@ def main() -> None:
         if q_embed:
             notes.append(f"query-neighbors task time: embedding {q_embed:.0f} s, search {q_search:.1f} s, "
                          f"filter {q_filter:.1f} s (summed over workers)")
+        tune_path = tmp / "fp32" / "stats" / "tune.json"
+        if tune_path.exists():  # the default --query-nprobe auto tunes before query-neighbors
+            tune = json.loads(tune_path.read_text())
+            reused = sum(v.get("n_reused_total", v.get("n_reused", 0)) for v in split_stats.values())
+            notes.append(f"tune (--query-nprobe auto, target recall@10 {tune['target_recall']}): {tune['seconds']:.1f} s "
+                         f"= {tune['seconds'] / q['seconds']:.3f} of query-neighbors' {q['seconds']:.1f} s (embedding "
+                         f"its {tune['queries']:,} chunks {tune['embed_seconds']:.1f} s, exact search "
+                         f"{tune['exact_seconds']:.1f} s); chose nprobe {tune['chosen']['nprobe']} at recall@10 "
+                         f"{tune['chosen']['recall_at_10']:.4f}; query-neighbors reused {reused:,} of those embeddings")
+        leakage_path = tmp / "fp32" / "stats" / "leakage.json"
+        if leakage_path.exists():
+            notes.append(f"leakage report (part of --tasks build, not of the baseline): "
+                         f"{json.loads(leakage_path.read_text())['seconds']:.1f} s")
         model_share = (st["embed"]["seconds"] + q["seconds"] * q_embed / max(q_embed + q_search + q_filter, 1e-9))
         notes.append(f"share of the wall time not spent embedding: {1 - model_share / run32['wall']:.3f}")
         if run16:

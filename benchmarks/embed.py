@@ -51,19 +51,6 @@ def build(workdir: Path, prefix: str, dtype: str, tasks: str, backend: str = "to
     return summary.stats
 
 
-def peak_halfway_and_end(workdir: Path) -> str:
-    """Each worker's peak RSS after half of its blocks and after all of them (from the block ledger)."""
-    by_worker: dict[str, list[tuple[float, float]]] = {}
-    for f in (workdir / ".retro" / "blocks" / "embed").glob("*.json"):
-        r = json.loads(f.read_text())
-        by_worker.setdefault(r["worker"], []).append((f.stat().st_mtime, r["rss_mb"]))
-    parts = []
-    for recs in by_worker.values():
-        peaks = [rss for _, rss in sorted(recs)]
-        parts.append(f"{max(peaks[: (len(peaks) + 1) // 2]):.0f} -> {max(peaks):.0f}")
-    return " / ".join(parts)
-
-
 def stored_embeddings(workdir: Path):
     import zarr
 
@@ -168,7 +155,6 @@ def main() -> None:
                 w = tmp / f"w-{backend}-{dtype}-{rep}"
                 build(w, full, dtype, "db-build", backend)
                 runs.append(build(w, full, dtype, "embed", backend)["embed"])
-                runs[-1]["peak_halfway_and_end"] = peak_halfway_and_end(w)
                 if rep == 0:
                     stored = stored_embeddings(w)
                     reference = stored if (backend, dtype) == ("torch", "fp32") else reference
@@ -190,14 +176,13 @@ def main() -> None:
                          f"{quality['mean']:.6f} / {quality['p1']:.6f} / {quality['min']:.6f}",
                          f"{ceiling['padding_share']:.3f}",
                          f"{stats['padding_share']:.3f}", f"{rss_small:.0f} ({small_stats['n_chunks']})",
-                         f"{rss_full:.0f} ({stats['n_chunks']})", stats["peak_halfway_and_end"]])
+                         f"{rss_full:.0f} ({stats['n_chunks']})"])
             results[name] = {"ceiling": ceiling, "stage": stats, "cosine_to_eager_fp32": quality}
             print(json.dumps({"setting": name, **results[name]}, indent=1), flush=True)
         out = table(rows, ["setting", "chunks", "ceiling chunks/s", "ceiling / eager fp32 ceiling",
                            "pipeline chunks/s", "pipeline/own ceiling", "forward passes alone/own ceiling",
                            "cosine to eager fp32 (mean / p1 / min)", "padding (ceiling)", "padding (pipeline)",
-                           "worker peak MB (small corpus)", "worker peak MB (full)",
-                           "each worker's peak MB: half-way -> end (full)"])
+                           "worker peak MB (small corpus)", "worker peak MB (full)"])
         out += "\n\n" + "\n".join(f"- {line}" for line in goals(results))
         print(f"\nembed stage vs model ceiling on {machine()}\n")
         print(out)
