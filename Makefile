@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: a plain 'torch' requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,test,fast]'
+	$(BIN)/pip install --quiet -e '.[cpu,test,fast,train]'
 	touch $@
 
 install: $(STAMP)

@@ -80,6 +80,9 @@ def test_two_steps_reach_the_model(train_retro, built_workdir):
         visible = (np.arange(64) < lengths[..., None]) & batch["neighbor_mask"].numpy()[:, :, :, None, None]
         # RETRO attends exactly to the positions that differ from its pad id (mask = retrieved != pad_id).
         assert np.array_equal((retrieved != pad).numpy(), visible.reshape(2, 4, 2, 128))
+        # The README's shortcut gives the same padding: no chunk holds the end-of-document token (50256).
+        readme = (batch["neighbor_tokens"] != 50256) & batch["neighbor_mask"][..., None]
+        assert np.array_equal(readme.numpy(), visible.reshape(2, 4, 2, 128))
         tokens = batch["neighbor_tokens"].numpy()
         assert np.array_equal(retrieved.numpy()[visible.reshape(2, 4, 2, 128)], tokens[visible.reshape(2, 4, 2, 128)])
         assert all(math.isfinite(seen[(run, s)]) for s in (0, 1))
@@ -96,6 +99,7 @@ def test_control_keeps_shapes_and_masks(train_retro, built_workdir):
     import zarr
 
     from retro_dask import RetroDataset
+    from retro_dask.formats.indexed_dataset import open_dataset
 
     ds = RetroDataset(built_workdir, "train", num_neighbors=2, num_retrieved_chunks=2)
     chunks = train_retro.DatabaseChunks(built_workdir)
@@ -115,26 +119,16 @@ def test_control_keeps_shapes_and_masks(train_retro, built_workdir):
         assert np.array_equal(cont[has], np.where(same_doc, first[has] + 1, -1))
         own = set(real["document_ids"].tolist())
         assert not any(table[r, 1] in own for r in first[has] if table[r, 0] == real["dataset_idx"])
-        # The control's tokens are the chunks' own tokens, read as RetroDataset reads the real ones.
+        # The control's tokens are the chunks' own tokens in the corpus, padded past each chunk's end.
         lengths = chunk_lengths(built_workdir, rows)
         mask = np.arange(64) < lengths[..., None]
         toks = rand["neighbor_tokens"].numpy().reshape(rows.shape + (64,))
-        again = chunks.tokens(rows, pad=50256)
-        assert np.array_equal(toks[mask], again[mask]) and (toks[~mask] == 50256).all()
+        for idx in zip(*np.nonzero(rows >= 0)):
+            d, doc, start, end, _ = table[rows[idx]]
+            assert np.array_equal(toks[idx][: end - start], open_dataset(ds.config.chunk.data.prefixes[d]).get(
+                int(doc), int(start), int(end - start)))
+        assert (toks[~mask] == 50256).all()
         assert control[i]["neighbor_chunks"].equal(rand["neighbor_chunks"])  # fixed per sample
-
-
-def test_corpus_reader_matches_retro_dataset(train_retro, built_workdir):
-    """The control reads chunk tokens from the corpus as RetroDataset serves the real neighbours."""
-    from retro_dask import RetroDataset
-
-    ds = RetroDataset(built_workdir, "valid", num_neighbors=2, num_retrieved_chunks=2)
-    chunks = train_retro.DatabaseChunks(built_workdir)
-    for i in range(min(len(ds), 4)):
-        item = ds[i]
-        rows = item["neighbor_chunks"].numpy()
-        ours = chunks.tokens(rows, pad=50256).reshape(item["neighbor_tokens"].shape)
-        assert np.array_equal(ours, item["neighbor_tokens"].numpy())
 
 
 def test_masked_neighbours_are_not_attended(train_retro, built_workdir):
@@ -181,3 +175,22 @@ def test_loss_is_retros_own(train_retro, built_workdir):
         ours = train_retro.next_token_loss(model, batch["text"], batch["retrieved"])
         theirs = model(batch["text"], batch["retrieved"], return_loss=True)
     assert torch.allclose(ours, theirs, rtol=1e-5)
+
+
+def test_oracle_neighbour_is_the_samples_own_chunk_and_the_next(train_retro, built_workdir):
+    """The diagnostic run: neighbour 0 of chunk c is the sample's chunks c and c+1, visible; the others unchanged."""
+    import torch
+
+    from retro_dask import RetroDataset
+
+    ds = RetroDataset(built_workdir, "valid", num_neighbors=2, num_retrieved_chunks=2)
+    chunks = train_retro.DatabaseChunks(built_workdir)
+    oracle = train_retro.OwnChunks(ds, chunks, pad=50256)
+    batch = train_retro.RetroBatch(chunks, 50257)([oracle[0], oracle[1]])
+    real = train_retro.RetroBatch(chunks, 50257)([ds[0], ds[1]])
+    text, retrieved = batch["text"], batch["retrieved"]
+    for c in range(retrieved.shape[1]):
+        expect = text[:, c * 64 : (c + 2) * 64]
+        assert torch.equal(retrieved[:, c, 0, : expect.shape[1]], expect)
+        assert (retrieved[:, c, 0, expect.shape[1] :] == 50257).all()
+    assert torch.equal(retrieved[:, :, 1:], real["retrieved"][:, :, 1:])
