@@ -96,12 +96,10 @@ def run_leakage(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]:
 
 def plot_leakage(per_split: dict[str, dict[str, Any]], path) -> None:
     """Histogram of the chunks' leakage per split (share of chunks), the thresholds marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, and a quicker import
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     width = EDGES[1] - EDGES[0]
     for i, (split, r) in enumerate(per_split.items()):
         counts = np.asarray(r["histogram"]["counts"], float)
@@ -117,4 +115,3 @@ def plot_leakage(per_split: dict[str, dict[str, Any]], path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

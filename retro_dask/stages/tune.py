@@ -6,7 +6,9 @@ reuses these embeddings rather than computing them again). Their exact
 neighbours come from Faiss's ``knn_ground_truth`` over ``db/embeddings.zarr``,
 a block at a time, with the same same-document filter as the saved neighbours;
 then the index is searched over a grid of nprobe (and of efSearch where the
-coarse quantizer is HNSW), each point timed. The smallest nprobe that reaches
+coarse quantizer is HNSW), each point timed, in increasing nprobe up to two
+levels past the first that reaches the target (the larger ones cost the most
+and only confirm the plateau). The smallest nprobe that reaches
 the target (with HNSW, the fastest point that does) is recorded in the ledger
 and in ``config.json`` (``tuned``); ``W/stats/tune.json`` and ``tune.png`` show
 recall@10 and query chunks/s against nprobe, the choice marked.
@@ -35,8 +37,9 @@ from .index import index_complete, trained
 from .query import TUNE_SPLITS, document_lookup, filter_neighbors, open_samples, searcher
 from .recall import RECALL_AT, _embed_tokens, exact_knn, recall_at
 
-EMBED_BATCH = 256  # query chunks one embedding task takes
+EMBED_BATCH = 1024  # at most this many query chunks a task: a sort scope as wide as a query block's
 EF_GRID = (16, 32, 64, 128, 256)
+LEVELS_PAST_TARGET = 2  # nprobe levels measured past the first that reaches the target (the plot's flat end)
 
 
 def pick_queries(sizes: dict[str, int], n: int, seed: int) -> np.ndarray:
@@ -86,8 +89,9 @@ def grid_points(nlist: int, hnsw: bool) -> list[tuple[int, int | None]]:
 
 
 def _measure(workdir: str, tag: str, x: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], k_query: int,
-             cosine: bool, grid: list[tuple[int, int | None]], default_ef: int) -> dict[str, Any]:
-    """In a worker: the exact filtered neighbours, then recall@10 and search speed at every grid point."""
+             cosine: bool, grid: list[tuple[int, int | None]], default_ef: int, target: float) -> dict[str, Any]:
+    """In a worker: the exact filtered neighbours, then recall@10 and search speed over the grid, in increasing
+    nprobe, until ``LEVELS_PAST_TARGET`` levels past the first that reaches ``target``."""
     t0 = time.perf_counter()
     first_row, keys = document_lookup(workdir)
     local = np.arange(len(x))
@@ -99,14 +103,20 @@ def _measure(workdir: str, tag: str, x: np.ndarray, pairs: tuple[np.ndarray, np.
     truth = kept(truth)
     t_exact = time.perf_counter() - t0
     faiss().omp_set_num_threads(block_task_threads())
-    points = []
+    points, reached_at = [], None
     for nprobe, ef in grid:
+        if reached_at is not None and nprobe > reached_at[-1] and len(reached_at) > LEVELS_PAST_TARGET:
+            break
+        if reached_at is not None and nprobe > reached_at[-1]:
+            reached_at.append(nprobe)
         index = searcher(workdir, tag, nprobe, ef or default_ef, k_query)
         t = time.perf_counter()
         _, found = index.search(np.ascontiguousarray(x, np.float32), min(k_query, max(int(index.ntotal), 1)))
         seconds = time.perf_counter() - t
         points.append({"nprobe": nprobe, "ef_search": ef, "recall_at_10": round(recall_at(kept(found), truth), 4),
                        "search_chunks_per_s": round(len(x) / max(seconds, 1e-9), 1)})
+        if reached_at is None and points[-1]["recall_at_10"] >= target:
+            reached_at = [nprobe]
     return {"points": points, "exact_seconds": round(t_exact, 3)}
 
 
@@ -159,7 +169,8 @@ def run_tune(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]:
     if not len(picks):
         raise InputError("tune: the train and valid splits have no sample to measure recall on; give them samples "
                          "(--train-samples, --valid-samples) or set --query-nprobe to a number")
-    batches = [picks[i : i + EMBED_BATCH] for i in range(0, len(picks), EMBED_BATCH)]
+    # As many tasks as task slots (or more, of EMBED_BATCH at most), of near-equal size.
+    batches = np.array_split(picks, max(ex.n_threads, -(-len(picks) // EMBED_BATCH)))
     token = dask.base.tokenize(w, hashes, picks, config.embed)
     x = np.concatenate(list(ex.gather((dask.delayed(_embed_picks, pure=False)(
         w, config, hashes, b, dask_key_name=f"tune-embed-{token}-{i}") for i, b in enumerate(batches)),
@@ -174,7 +185,7 @@ def run_tune(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]:
     pairs = _own_documents(w, hashes, picks)
     measured = ex.compute(dask.delayed(_measure, pure=False)(
         w, info["tag"], x, pairs, config.query.num_neighbors_query, config.index.metric == "cosine", grid,
-        config.query.ef_search, dask_key_name=f"tune-{token}"))
+        config.query.ef_search, config.query.target_recall, dask_key_name=f"tune-{token}"))
     best, reached = choose(measured["points"], config.query.target_recall)
     target = config.query.target_recall
     if reached:
@@ -210,12 +221,10 @@ def write_tuned_config(workdir: str, config: BuildConfig, record: dict[str, Any]
 
 def plot_tune(stats: dict[str, Any], path: Path) -> None:
     """recall@10 and searched query chunks/s against nprobe (one line per efSearch), the choice marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, and a quicker import
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, left = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    left = fig.subplots()
     right = left.twinx()
     efs = sorted({p["ef_search"] for p in stats["points"]}, key=lambda e: -1 if e is None else e)
     for ef in efs:
@@ -240,4 +249,3 @@ def plot_tune(stats: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
