@@ -99,6 +99,8 @@ def measured_rates(w: Path) -> dict:
         "query_embed": q_embed / n_q,
         "search": q_search / (n_q * (scanned + nlist) * d),
         "measured_nprobe": q["nprobe"],
+        # The share of the lists that --query-nprobe auto (the default) probed to reach its recall target here.
+        "probed_share": q["nprobe"] / nlist,
     }
 
 
@@ -137,7 +139,7 @@ def index_sizes(core: str, n: float, d: int, nlist: int) -> tuple[float, float]:
 
 
 def model(r: dict, tokens: float, args, gpu_rate: float) -> dict:
-    from retro_dask.plan.index import default_nprobe, default_ntrain, nlist_of, plan_index
+    from retro_dask.plan.index import default_ntrain, nlist_of, plan_index
 
     n = tokens / r["chunk_length"]
     q = n * args.query_ratio
@@ -149,7 +151,7 @@ def model(r: dict, tokens: float, args, gpu_rate: float) -> dict:
     code_m = int(pq.group(1)) if pq else 0
     coarse = HNSW_DISTANCES if "HNSW" in core else nlist
     encode = (256 + (4 * code_m if core.startswith("OPQ") else 0)) if pq else 1
-    nprobe = args.nprobe or default_nprobe(nlist)
+    nprobe = args.nprobe or min(nlist, max(16, round(nlist * r["probed_share"])))
     # A flat code costs d multiply-adds; a PQ code m look-ups (counted as m / d of a flat one).
     scan = nprobe * n / max(nlist, 1) * (code_m / d if pq else 1.0)
     core_s = {
@@ -190,7 +192,7 @@ def main() -> None:
     p.add_argument("--query-ratio", type=float, default=1.0,
                    help="query chunks per database chunk (1: the pretraining set is the retrieval corpus, as RETRO's)")
     p.add_argument("--index-memory", type=float, default=8e9, help="--index-memory of the modelled builds (bytes)")
-    p.add_argument("--nprobe", type=int, default=None, help="lists probed per query (default: the pipeline's nlist/8)")
+    p.add_argument("--nprobe", type=int, default=None, help="lists probed per query (default: the share of the lists the measured build's tuned nprobe probed)")
     p.add_argument("--train-cores", type=int, default=16, help="cores of the machine that trains the index")
     p.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = p.parse_args()
@@ -228,9 +230,12 @@ def main() -> None:
         f"index-add and search: core-seconds proportional to distance computations x d, calibrated on the measured "
         f"flat-quantizer run; an HNSW32 coarse quantizer computes {HNSW_DISTANCES} distances a vector, a PQ encoding "
         "256 a sub-vector, a PQ code scanned costs m/d of a flat vector (table look-ups counted as multiply-adds)",
-        f"nprobe: {'--nprobe ' + str(args.nprobe) if args.nprobe else 'the pipeline default nlist/8 (at least 16)'}; "
-        "the search cost grows with nprobe x n / nlist codes a query: with nlist/8 a query scans an eighth of the "
-        "database, so at billions of chunks the search dominates unless nprobe is tuned down (--query-nprobe)",
+        "nprobe: " + (f"--nprobe {args.nprobe}" if args.nprobe else f"the share of the lists that the measured build's "
+                      f"--query-nprobe auto probed to reach its recall target ({r['measured_nprobe']} of {r['nlist']}), "
+                      "at least 16") + "; "
+        "the search cost grows with nprobe x n / nlist codes a query: a fixed share of the lists scans a fixed share "
+        "of the database a query, so at billions of chunks the search dominates unless that share falls with the "
+        "index (tune it there: --tasks tune)",
         f"GPU embedding: {gpu_note}; plus the worker's own detokenization and WordPiece, "
         f"{r['host_prep'] * 1e3:.2f} ms a chunk on one core as measured here (at such GPU rates the CPU side "
         "bounds a one-thread worker)",
