@@ -52,7 +52,10 @@ def main() -> None:
         rows = []
         for name, prefix in corpora:
             w = tmp / f"w-{name}"
-            samples = ["--train-samples", str(args.train_samples), "--valid-samples", "0", "--test-samples", "0"]
+            # The database embeddings are synthetic: a recall-tuned nprobe means nothing here, so the fixed
+            # default (an eighth of the lists) keeps the search comparable across corpora.
+            samples = ["--train-samples", str(args.train_samples), "--valid-samples", "0", "--test-samples", "0",
+                       "--query-nprobe", "default"]
             run_cli(w, "db-build", *samples, prefix=prefix)
             store_synthetic_embeddings(w)
             run_cli(w, "index-train")  # separate runs: each stage's worker peak RSS is its own
