@@ -100,8 +100,12 @@ def index_chain(index) -> list:
     return chain
 
 
-def read_index_file(path, mmap: bool = False):
-    """Read an index file; on-disk inverted lists (``.ivfdata``) are found next to it, so the workdir can move."""
+def read_index_file(path, mmap: bool = False, search_tables: bool = True):
+    """Read an index file; on-disk inverted lists (``.ivfdata``) are found next to it, so the workdir can move.
+
+    ``search_tables=False`` skips IVFPQ's precomputed search table (``nlist x m x 256`` floats, 537 MB for
+    IVF8192 with PQ64), which encoding and assembly never use.
+    """
     from pathlib import Path
 
     f = faiss()
@@ -110,7 +114,14 @@ def read_index_file(path, mmap: bool = False):
         flags |= f.IO_FLAG_ONDISK_SAME_DIR
     elif mmap:
         flags |= f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY
-    return f.read_index(str(path), flags)
+    if search_tables:
+        return f.read_index(str(path), flags)
+    saved = f.cvar.precomputed_table_max_bytes
+    f.cvar.precomputed_table_max_bytes = 0
+    try:
+        return f.read_index(str(path), flags)
+    finally:
+        f.cvar.precomputed_table_max_bytes = saved
 
 
 def write_index_atomic(index, path) -> None:
@@ -121,11 +132,11 @@ def write_index_atomic(index, path) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_index(path: str, mtime_ns: int, size: int, mmap: bool):
-    return read_index_file(path, mmap=mmap)
+def _cached_index(path: str, mtime_ns: int, size: int, mmap: bool, search_tables: bool):
+    return read_index_file(path, mmap=mmap, search_tables=search_tables)
 
 
-def load_index(path, mmap: bool = False):
+def load_index(path, mmap: bool = False, search_tables: bool = True):
     """This process's copy of the index file (read once per worker while the file is unchanged)."""
     st = os.stat(path)
-    return _cached_index(str(path), st.st_mtime_ns, st.st_size, mmap)
+    return _cached_index(str(path), st.st_mtime_ns, st.st_size, mmap, search_tables)

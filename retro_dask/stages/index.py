@@ -237,7 +237,7 @@ class PartialsTarget:
 def encode_rows(x: np.ndarray, trained_path: str, block_rows: int) -> np.ndarray:
     """sa codes (list number then code) of embeddings against the trained index, a block of rows at a time."""
     t0 = time.perf_counter()
-    index = load_index(trained_path)
+    index = load_index(trained_path, search_tables=False)
     faiss().omp_set_num_threads(block_task_threads())
     out = np.empty((len(x), index.sa_code_size()), np.uint8)
     for lo in range(0, len(x), block_rows):
@@ -295,7 +295,7 @@ def assemble(parts, axis=None, keepdims=None, *, workdir: str, tag: str, on_disk
     f = faiss()
     t0 = time.perf_counter()
     folders = [Path(p) for p in _flat(parts)]
-    index = read_index_file(trained_index_path(workdir, tag))
+    index = read_index_file(trained_index_path(workdir, tag), search_tables=False)
     layout = IndexLayout.of(index)
     ivf = ivf_of(index)
     final, ivfdata = added_index_path(workdir, tag), added_ivfdata_path(workdir, tag)
@@ -336,20 +336,26 @@ def assemble(parts, axis=None, keepdims=None, *, workdir: str, tag: str, on_disk
 
 def index_reduction(workdir: str, tag: str, folders: list[Path], layout: IndexLayout, on_disk: bool,
                     fan_in: int | None = None):
-    """The final index as a ``dask.array.reduction`` over the partials (in row order)."""
+    """The final index as a ``dask.array.reduction`` over the partials (in row order).
+
+    A Dask chunk holds ``fan_in`` partials, merged into one by its chunk task (when there is more than
+    one chunk), so the graph has ~2 tasks per ``fan_in`` partials: a tree of fan-in ``fan_in`` whatever
+    the number of partials, without a task per partial.
+    """
     import dask.array as da
     from dask.base import tokenize
 
+    fan_in = max(2, fan_in or index_plan.FAN_IN)
     handles = np.empty((len(folders), 1), dtype=object)
     handles[:, 0] = [str(p) for p in folders]
     token = tokenize(workdir, tag, [str(p) for p in folders], on_disk)
-    partials = da.from_array(handles, chunks=(1, 1), name=f"index-partials-{token}")
+    partials = da.from_array(handles, chunks=(fan_in, 1), name=f"index-partials-{token}")
+    merge = functools.partial(merge_partials, workdir=workdir, stage="index-merge", layout=layout)
     return da.reduction(
-        partials, _identity,
+        partials, _identity if partials.numblocks[0] == 1 else merge,
         functools.partial(assemble, workdir=workdir, tag=tag, on_disk=on_disk),
-        combine=functools.partial(merge_partials, workdir=workdir, stage="index-merge", layout=layout),
-        axis=(0, 1), keepdims=True, concatenate=False, dtype=object, meta=np.empty((0, 0), dtype=object),
-        split_every={0: max(2, fan_in or index_plan.FAN_IN), 1: 1}, name=f"index-add-{token}")
+        combine=merge, axis=(0, 1), keepdims=True, concatenate=False, dtype=object,
+        meta=np.empty((0, 0), dtype=object), split_every={0: fan_in, 1: 1}, name=f"index-add-{token}")
 
 
 def add_to_index(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]:
@@ -368,7 +374,7 @@ def add_to_index(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]
     emb = zarr_blocks.open_format(emb_path)
     n, B = emb.shape[0], emb.block_rows
     trained_path = str(trained_index_path(w, tag))
-    layout = IndexLayout.of(load_index(trained_path))
+    layout = IndexLayout.of(load_index(trained_path, search_tables=False))
     span_rows = index_plan.encode_span(emb.n_blocks, B) * B
     target = PartialsTarget(w, "index-encode", str(index_partials_dir(w, tag)), n, span_rows, layout)
     job = StoreJob("index-encode", target, lambda lo, hi: encoded(
