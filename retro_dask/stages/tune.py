@@ -37,7 +37,7 @@ from .index import index_complete, trained
 from .query import TUNE_SPLITS, document_lookup, filter_neighbors, open_samples, searcher
 from .recall import RECALL_AT, _embed_tokens, exact_knn, recall_at
 
-EMBED_BATCH = 1024  # at most this many query chunks a task: a sort scope as wide as a query block's
+EMBED_BATCH = 1024  # at most this many query chunks a task (the default 2,000: two tasks, one per core)
 EF_GRID = (16, 32, 64, 128, 256)
 LEVELS_PAST_TARGET = 2  # nprobe levels measured past the first that reaches the target (the plot's flat end)
 
@@ -169,8 +169,9 @@ def run_tune(ex: Executor, config: BuildConfig, log=print) -> dict[str, Any]:
     if not len(picks):
         raise InputError("tune: the train and valid splits have no sample to measure recall on; give them samples "
                          "(--train-samples, --valid-samples) or set --query-nprobe to a number")
-    # As many tasks as task slots (or more, of EMBED_BATCH at most), of near-equal size.
-    batches = np.array_split(picks, max(ex.n_threads, -(-len(picks) // EMBED_BATCH)))
+    # Near-equal tasks of EMBED_BATCH at most, a function of the picks alone: a chunk's embedding depends on
+    # the batch it is sorted into, so the cluster's shape must not change the tasks (the same bytes).
+    batches = np.array_split(picks, max(1, -(-len(picks) // EMBED_BATCH)))
     token = dask.base.tokenize(w, hashes, picks, config.embed)
     x = np.concatenate(list(ex.gather((dask.delayed(_embed_picks, pure=False)(
         w, config, hashes, b, dask_key_name=f"tune-embed-{token}-{i}") for i, b in enumerate(batches)),
