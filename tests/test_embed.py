@@ -7,6 +7,7 @@ import pytest
 import torch
 import zarr
 
+from embed_probe import probe_script
 from retro_dask.build import run_build
 from retro_dask.config import BuildConfig, ChunkConfig, DataBlend, EmbedConfig, QueryConfig, RunOptions
 
@@ -126,20 +127,7 @@ def monitor_cadence(dask_worker=None, dask_scheduler=None):
             for n in names]
 
 
-KERNEL_CACHE_PROBE = r"""
-import json, os
-import numpy as np
-from retro_dask.config import EmbedConfig
-from retro_dask.text.embedder import Embedder
-
-def rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-e = Embedder(EmbedConfig(embed_dtype="bf16"), "cpu", threads=1)
-rng = np.random.default_rng(0)
-def batch(width, rows):
-    return [[101] + rng.integers(1000, 20000, width - 2).tolist() + [102] for _ in range(rows)]
+KERNEL_CACHE_PROBE = probe_script('embed_dtype="bf16"', r"""
 # PyTorch's attention kernels are kept per chunk width (at most --bert-max-chunk-length of them):
 # meet every width first. Then each batch is a matmul shape not seen before.
 for w in range(40, 121):
@@ -150,7 +138,7 @@ for rows in (3, 7):
         e.embed_ids(batch(w, rows), batch_size=rows)
 print(json.dumps({"warm": warm, "end": rss_mb(),
                   "env": [os.environ.get(k) for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")]}))
-"""
+""")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")

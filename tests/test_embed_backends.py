@@ -20,6 +20,7 @@ import pytest
 import zarr
 
 from conftest import build_args, run_build
+from embed_probe import probe_script
 from retro_dask.config import BuildConfig, EmbedConfig
 from retro_dask.errors import InputError
 
@@ -165,20 +166,7 @@ def test_a_careless_export_is_caught_by_the_check(tmp_path):
         check_graph(default_bert_dir(), path)
 
 
-OV_SHAPES_PROBE = r"""
-import json
-import numpy as np
-from retro_dask.config import EmbedConfig
-from retro_dask.text.embedder import Embedder
-
-def rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-e = Embedder(EmbedConfig(backend="openvino"), "cpu", threads=1)
-rng = np.random.default_rng(0)
-def batch(width, rows):
-    return [[101] + rng.integers(1000, 20000, width - 2).tolist() + [102] for _ in range(rows)]
+OV_SHAPES_PROBE = probe_script('backend="openvino"', r"""
 for w in range(40, 81):
     e.embed_ids(batch(w, 2), batch_size=2)
 warm = rss_mb()
@@ -186,7 +174,7 @@ for rows in (1, 3, 4):
     for w in range(40, 81):
         e.embed_ids(batch(w, rows), batch_size=rows)
 print(json.dumps({"warm": warm, "end": rss_mb()}))
-"""
+""")
 
 
 @needs("openvino")
