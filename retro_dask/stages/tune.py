@@ -103,20 +103,19 @@ def _measure(workdir: str, tag: str, x: np.ndarray, pairs: tuple[np.ndarray, np.
     truth = kept(truth)
     t_exact = time.perf_counter() - t0
     faiss().omp_set_num_threads(block_task_threads())
-    points, reached_at = [], None
+    levels = sorted({nprobe for nprobe, _ in grid})
+    points, last_level = [], None  # last_level: the largest nprobe to measure, once the target is reached
     for nprobe, ef in grid:
-        if reached_at is not None and nprobe > reached_at[-1] and len(reached_at) > LEVELS_PAST_TARGET:
+        if last_level is not None and nprobe > last_level:
             break
-        if reached_at is not None and nprobe > reached_at[-1]:
-            reached_at.append(nprobe)
         index = searcher(workdir, tag, nprobe, ef or default_ef, k_query)
         t = time.perf_counter()
         _, found = index.search(np.ascontiguousarray(x, np.float32), min(k_query, max(int(index.ntotal), 1)))
         seconds = time.perf_counter() - t
         points.append({"nprobe": nprobe, "ef_search": ef, "recall_at_10": round(recall_at(kept(found), truth), 4),
                        "search_chunks_per_s": round(len(x) / max(seconds, 1e-9), 1)})
-        if reached_at is None and points[-1]["recall_at_10"] >= target:
-            reached_at = [nprobe]
+        if last_level is None and points[-1]["recall_at_10"] >= target:
+            last_level = levels[min(levels.index(nprobe) + LEVELS_PAST_TARGET, len(levels) - 1)]
     return {"points": points, "exact_seconds": round(t_exact, 3)}
 
 
