@@ -123,18 +123,19 @@ def test_exported_fp32_graph_matches_torch_on_200_sample_chunks(backend, chunk_i
         assert c.min() >= 0.9999, (backend, batch_size, c.min())
 
 
-@pytest.mark.parametrize("backend, min_mean", [
-    # OpenVINO: int8 weights per output channel, activations quantized in groups of 32
-    pytest.param("openvino", 0.999, marks=needs("openvino")),
+@pytest.mark.parametrize("backend, min_mean, min_min", [
+    # OpenVINO: smoothed GPTQ uint8 weights, activations in groups of 16 (0.99988 / 0.9991 here; nearest
+    # rounding per channel gave 0.9994 / 0.996)
+    pytest.param("openvino", 0.9998, 0.998, marks=needs("openvino")),
     # ONNX Runtime: int8 weights per output channel, one activation scale per batch (coarser)
-    pytest.param("onnx", 0.99, marks=needs("onnx")),
+    pytest.param("onnx", 0.99, 0.95, marks=needs("onnx")),
 ])
-def test_int8_stays_close_to_fp32(backend, min_mean, chunk_ids, torch_fp32):
+def test_int8_stays_close_to_fp32(backend, min_mean, min_min, chunk_ids, torch_fp32):
     from retro_dask.text.embedder import Embedder
 
     c = cos(Embedder(EmbedConfig(backend=backend, embed_dtype="int8"), "cpu", threads=2).embed_ids(chunk_ids),
             torch_fp32)
-    assert c.mean() >= min_mean and c.min() > 0.95, (backend, c.mean(), c.min())
+    assert c.mean() >= min_mean and c.min() > min_min, (backend, c.mean(), c.min())
     assert c.mean() < 0.999999  # really quantized, not the fp32 graph
 
 
