@@ -219,17 +219,20 @@ def read_rows(path: str | Path, start: int, stop: int) -> np.ndarray:
     if fmt is None or stop - start <= 0:
         return arr[start:stop]
     b = fmt.block_rows
-    parts = []
-    for block in range(start // b, -(-stop // b)):
+    first, last = start // b, -(-stop // b)
+    out = None if last - first == 1 else np.empty((stop - start, *arr.shape[1:]), np.dtype(arr.dtype))
+    for block in range(first, last):  # several blocks: filled one at a time, never twice the rows in memory
         lo = block * b
         file = chunk_file(path, block, arr.ndim)
         try:
             rows = fmt.decode(file.read_bytes(), str(file))
         except FileNotFoundError:
             rows = fmt.fill()  # never written: the fill value, as Zarr reads it
-        parts.append(rows[max(start - lo, 0) : min(stop - lo, b)])
-    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return out.astype(np.dtype(arr.dtype), copy=False)
+        a, z = max(start - lo, 0), min(stop - lo, b)
+        if out is None:
+            return rows[a:z].astype(np.dtype(arr.dtype), copy=False)
+        out[lo + a - start : lo + z - start] = rows[a:z]
+    return out
 
 
 def read_block(path: str | Path, block: int) -> np.ndarray:

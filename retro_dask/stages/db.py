@@ -46,16 +46,19 @@ from ..plan.chunks import CompactionSlice, apportion, doc_key, plan_compaction, 
 from .db_candidates import block_counts, candidate_job, candidates, dataset_facts, plan_candidates, valid_mask
 
 # Compaction and document-index blocks take ~1 ms: a task takes up to this many (RESULTS.md, note 22).
-CHEAP_BLOCK_SPAN = 128
+# 32, not more: a task's memory grows with its span, and at 32 it is the same from ~300 blocks on (note 33).
+CHEAP_BLOCK_SPAN = 32
 
 
 def _compact(rows: np.ndarray, slices: tuple[tuple[int, int, int], ...], cand_block_rows: int, first_block: int):
     """The valid candidates that ``slices`` (candidate block, start, stop in its valid rows) name, in order."""
-    parts = []
+    out = np.empty((sum(stop - start for _, start, stop in slices), 5), np.int64)
+    at = 0
     for block, start, stop in slices:
         part = rows[(block - first_block) * cand_block_rows : (block - first_block + 1) * cand_block_rows]
-        parts.append(part[valid_mask(part)][start:stop])
-    return np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+        out[at : at + stop - start] = part[valid_mask(part)][start:stop]
+        at += stop - start
+    return out
 
 
 def compacted(cand_path, plan: Sequence[Sequence[CompactionSlice]], block_rows: int, lo: int, hi: int):

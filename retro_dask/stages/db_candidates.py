@@ -140,10 +140,17 @@ def _block_counts(rows: np.ndarray, n_datasets: int, block_rows: int) -> np.ndar
     return np.asarray(out, np.int64).reshape(-1, 1 + 3 * n_datasets)
 
 
+def _span_counts(path: str, lo: int, hi: int, n_datasets: int) -> np.ndarray:
+    block_rows = zarr_blocks.open_format(path).block_rows
+    return np.concatenate([_block_counts(zarr_blocks.read_rows(path, b, min(b + block_rows, hi)), n_datasets, block_rows)
+                           for b in range(lo, hi, block_rows)])
+
+
 def block_counts(path, lo: int, hi: int, n_datasets: int):
-    """Per candidate block of rows ``lo:hi``: valid candidates, then valid / invalid / empty per dataset."""
-    fmt = zarr_blocks.open_format(path)
-    n_blk = -(-(hi - lo) // fmt.block_rows)
-    return zarr_blocks.lazy_rows(path, lo, hi, (hi - lo,)).map_blocks(
-        _block_counts, n_datasets, fmt.block_rows, chunks=((n_blk,), (1 + 3 * n_datasets,)), dtype=np.int64,
-        name=f"db-counts-{lo}-{hi}-{fmt.block_rows}", meta=np.empty((0, 0), np.int64))
+    """Per candidate block of rows ``lo:hi`` (whole blocks): valid candidates, then valid / invalid / empty per
+    dataset, as one task that reads a block at a time (its memory is one block's, whatever the span)."""
+    import dask
+
+    block_rows = zarr_blocks.open_format(path).block_rows
+    return dask.delayed(_span_counts, pure=True)(str(path), lo, hi, n_datasets,
+                                                 dask_key_name=f"db-counts-{lo}-{hi}-{block_rows}")
