@@ -144,7 +144,7 @@ def run_build(
         return summary
     except BaseException:
         # A refused first run on a folder this run created leaves nothing behind.
-        if not existed and recorded is None and not any(
+        if not existed and recorded is None and Path(workdir).is_dir() and not any(
             p.name not in (".retro", "config.json") for p in Path(workdir).iterdir()
         ):
             lock.release()
