@@ -30,8 +30,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_vector_units() -> str:
+    """What the embed backends' speed depends on: " (AVX-512 with VNNI and BF16)", " (AVX2)", or ""."""
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo")
+                      if line.startswith("flags")), set())
+    except OSError:
+        return ""
+    extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX"))
+              if flag in flags]
+    if "avx512f" in flags:
+        return " (AVX-512" + (" with " + " and ".join(extras) if extras else "") + ")"
+    return " (AVX2)" if "avx2" in flags else ""
+
+
 def machine() -> str:
-    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """The machine kind a RESULTS.md section is for (sections of the same kind are replaced) and the Python."""
+    return f"{cpu_model()}{cpu_vector_units()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def peak_rss_mb() -> float:
