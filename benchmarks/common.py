@@ -20,23 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def cpu_vector_units() -> str:
     """What the embed backends' speed depends on: " (AVX-512 with VNNI and BF16)", " (AVX2)", or ""."""
-    try:
-        flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo")
-                      if line.startswith("flags")), set())
-    except OSError:
-        return ""
+    from retro_dask.formats.faiss_index import cpu_flags
+
+    flags = cpu_flags()
     extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX"))
               if flag in flags]
     if "avx512f" in flags:
@@ -46,7 +34,9 @@ def cpu_vector_units() -> str:
 
 def machine() -> str:
     """The machine kind a RESULTS.md section is for (sections of the same kind are replaced) and the Python."""
-    return f"{cpu_model()}{cpu_vector_units()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from retro_dask.text.backends import cpu_name
+
+    return f"{cpu_name()}{cpu_vector_units()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def peak_rss_mb() -> float:
