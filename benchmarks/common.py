@@ -94,8 +94,6 @@ def record_results(title: str, body: str, command: str) -> None:
 
 
 def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out, backend: str = "torch") -> None:
-    import torch
-
     from retro_dask.config import EmbedConfig
     from retro_dask.text.embedder import Embedder
 
@@ -107,10 +105,9 @@ def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out, backend: str
     batches = [embedder.padded_batch(ids, lengths, sel) for sel in embedder.batches(lengths)]
     barrier.wait()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for x, m in batches:
-            embedder.model(x, m)
-    out.put((time.perf_counter() - t0, sum(x.numel() for x, _ in batches)))
+    for x, m in batches:
+        embedder.forward(x, m)
+    out.put((time.perf_counter() - t0, sum(x.size for x, _ in batches)))
 
 
 def model_ceiling(dtype: str, ids: list[list[int]], processes: int | None = None,

@@ -193,6 +193,41 @@ def test_openvino_memory_does_not_grow_with_new_batch_shapes(graph_cache):
     assert probe["end"] - probe["warm"] < 40, probe
 
 
+NO_TORCH_BUILD = r"""
+import runpy, sys
+script = sys.argv[1]
+sys.argv = [script, *sys.argv[2:]]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_an_exported_graph_build_never_imports_torch(backend, tmp_path, small_corpus_prefix, tiny_bert, graph_cache):
+    """The exported graphs take and give numpy: db-build and embed with them never import torch, whose
+    import was most of a worker's model load (profiling note 34)."""
+    import os
+    import subprocess
+    import sys
+
+    if not BACKEND_OK[backend]:
+        pytest.skip(FAST.format(backend))
+    from retro_dask.text.backends import prepare_graph
+
+    prepare_graph(backend, tiny_bert, "fp32")  # the export itself runs torch, once per model
+    args = build_args(tmp_path / "w", small_corpus_prefix, tiny_bert, "--cluster", "synchronous", "--no-progress",
+                      "--embed-backend", backend)
+    args[args.index("build")] = "db-build,embed"
+    script = Path(__file__).parents[1] / "scripts" / "build.py"
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_BUILD, str(script), *map(str, args)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "RETRO_DASK_CACHE": str(graph_cache)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "w" / "stats" / "embed.json").exists()
+    assert "torch imported: False" in out.stdout, out.stdout[-2000:]
+
+
 # ---------------------------------------------------------------- the cache
 
 

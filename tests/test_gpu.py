@@ -88,7 +88,7 @@ def test_cuda_embedder_agrees_with_cpu_fp32(gpu_bert, chunk_text_sample, cpu_fp3
     from retro_dask.text.embedder import GPU_BATCH, Embedder
 
     embedder = Embedder(EmbedConfig(bert_model=gpu_bert, embed_dtype=dtype), device="cuda")
-    assert embedder.device.type == "cuda" and embedder.batch_size == GPU_BATCH
+    assert embedder.on_gpu and embedder.batch_size == GPU_BATCH
     gpu = embedder.embed_texts(chunk_text_sample)
     assert gpu.dtype == np.float32 and gpu.shape == cpu_fp32.shape and np.isfinite(gpu).all()
     cos = cosines(cpu_fp32, gpu)

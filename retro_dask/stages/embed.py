@@ -49,7 +49,7 @@ def embed_rows(rows: np.ndarray, config: EmbedConfig, gpt: GPTTokenizerSpec, pre
     emb = embedder.embed_ids(ids, batch_size, counts)
     figures.add("embed", n_rows=len(rows), load_seconds=t_load - t0, tokenize_seconds=t_tok - t_load,
                 model_seconds=time.perf_counter() - t_tok, n_wordpieces=counts.get("tokens", 0),
-                n_padded=counts.get("padded", 0), blocks_on_gpu=int(embedder.device.type == "cuda"))
+                n_padded=counts.get("padded", 0), blocks_on_gpu=int(embedder.on_gpu))
     return emb.astype(config.store_dtype, copy=False)
 
 

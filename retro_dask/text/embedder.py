@@ -2,12 +2,13 @@
 
 A chunk's text is WordPiece tokenized with [CLS] and [SEP], truncated to
 ``max_chunk_length``; its embedding is the mean of the last hidden states over
-the WordPiece tokens, [CLS] and [SEP] excluded (Megatron's pooling). The model
-runs on plain torch (``bert_encoder``); :func:`get_embedder` caches it by its
-frozen ``EmbedConfig``, so Dask tasks ship only the config. Within a call,
-texts are batched by length (``plan/batches.py``) and results come back in order.
-The forward pass is the config's backend (``backends.py``): eager torch, or the
-exported graph on ONNX Runtime or OpenVINO.
+the WordPiece tokens, [CLS] and [SEP] excluded (Megatron's pooling,
+``pooling.py``). :func:`get_embedder` caches the model by its frozen
+``EmbedConfig``, so Dask tasks ship only the config. Within a call, texts are
+batched by length (``plan/batches.py``) and results come back in order. The
+forward pass is the config's backend (``backends.py``): eager torch
+(``bert_encoder``), or the exported graph on ONNX Runtime or OpenVINO, which
+takes and gives numpy arrays (a process embedding with it never imports torch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..engine.process_env import MODEL_ENV, tune_allocator, worker_threads
 from ..errors import InputError
 from ..plan.batches import length_batches
 from .bert import BertTokenizerSpec, default_bert_dir, get_bert_tokenizer
+from .pooling import mean_pool, pool_weights
 
 CPU_BATCH = 64
 GPU_BATCH = 1024
@@ -122,38 +124,42 @@ class Embedder:
     """
 
     def __init__(self, config: EmbedConfig, device: str | None = None, threads: int | None = None):
-        torch = _torch()
         from .backends import load_forward
 
         if config.backend == "auto":
             config = replace(config, backend=choice_in_process(config)["backend"])
         self.config = config
         self.model_dir = bert_dir(config.bert_model)
-        if config.backend != "torch":
-            device = "cpu"  # the exported graphs run on the CPU
+        # The exported graphs run on the CPU with numpy in and out: their workers never import torch (note 34).
+        self.exported = config.backend != "torch"
+        if self.exported:
+            device = "cpu"
         elif device is None:
             device = default_device()
-        self.device = torch.device(device)
+        self.device = str(device)
+        self.on_gpu = not self.device.startswith("cpu")
         threads = threads or worker_threads()
-        if self.device.type == "cpu":
+        if not self.on_gpu:
             tune_allocator()
-
             for key, value in MODEL_ENV.items():  # read when oneDNN makes its first primitive
                 os.environ.setdefault(key, value)
-            # Decided on purpose: a Dask worker's thread count (1 in the default
-            # cluster, one worker per core), or every core in a plain process.
-            torch.set_num_threads(threads)
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.embed_dtype)
-        if self.device.type == "cpu" and half is not None and not native_half_precision(half):
-            logging.getLogger(__name__).warning(
-                "--embed-dtype %s: this CPU (%s) has no native %s matmul, so it is emulated and runs several "
-                "times slower than fp32; use --embed-dtype fp32 here", config.embed_dtype,
-                torch.backends.cpu.get_cpu_capability(), config.embed_dtype)
+        if not self.exported:
+            torch = _torch()
+            if not self.on_gpu:
+                # Decided on purpose: a Dask worker's thread count (1 in the default
+                # cluster, one worker per core), or every core in a plain process.
+                torch.set_num_threads(threads)
+            half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.embed_dtype)
+            if not self.on_gpu and half is not None and not native_half_precision(half):
+                logging.getLogger(__name__).warning(
+                    "--embed-dtype %s: this CPU (%s) has no native %s matmul, so it is emulated and runs several "
+                    "times slower than fp32; use --embed-dtype fp32 here", config.embed_dtype,
+                    torch.backends.cpu.get_cpu_capability(), config.embed_dtype)
         model_config = check_bert_dir(self.model_dir)
         self.model = load_forward(config.backend, self.model_dir, config.embed_dtype, self.device, threads)
         self.dim = int(model_config["hidden_size"])
         self.tokenizer = get_bert_tokenizer(BertTokenizerSpec(self.model_dir))
-        self.batch_size = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
+        self.batch_size = GPU_BATCH if self.on_gpu else CPU_BATCH
         element = 2 if config.embed_dtype in ("bf16", "fp16") else 4
         self.max_tokens = max(256, ACTIVATION_BYTES // (int(model_config["intermediate_size"]) * element))
         self.lock = threading.Lock()
@@ -165,43 +171,53 @@ class Embedder:
         ``counts``, if given, gets ``tokens`` (real) and ``padded`` (fed to the
         model, padding included) added to it.
         """
-        torch = _torch()
         n = len(ids)
         out = np.zeros((n, self.dim), dtype=np.float32)
         if n == 0:
             return out
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        with self.lock, torch.inference_mode():
+        with self.lock:
             for sel in self.batches(lengths, batch_size):
                 input_ids, attention = self.padded_batch(ids, lengths, sel)
                 if counts is not None:
                     counts["tokens"] = counts.get("tokens", 0) + int(lengths[sel].sum())
-                    counts["padded"] = counts.get("padded", 0) + input_ids.numel()
-                hidden = self.model(input_ids, attention)
-                # Pool over WordPiece tokens only: drop [CLS] (position 0) and [SEP] (last real token).
-                pool = attention.clone()
-                pool[:, 0] = 0
-                pool[torch.arange(len(sel), device=self.device), torch.from_numpy(lengths[sel] - 1).to(self.device)] = 0
-                pool = pool.to(hidden.dtype).unsqueeze(-1)
-                summed = (hidden * pool).sum(dim=1, dtype=torch.float32)
-                count = pool.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
-                out[sel] = (summed / count).cpu().numpy()
+                    counts["padded"] = counts.get("padded", 0) + input_ids.size
+                out[sel] = self.pooled(input_ids, attention, lengths[sel])
         return out
 
-    def padded_batch(self, ids: Sequence[Sequence[int]], lengths: np.ndarray, sel: np.ndarray):
-        """The model's inputs for the items ``sel`` of ``ids``: right-padded token ids and attention mask, on the device."""
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """BERT's last hidden states of one padded batch: a numpy array, or a torch tensor on the device."""
+        if self.exported:
+            return self.model(input_ids, attention_mask)
         torch = _torch()
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device))
+
+    def pooled(self, input_ids: np.ndarray, attention_mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The pooled float32 embeddings of one padded batch whose rows have ``lengths`` real tokens."""
+        hidden = self.forward(input_ids, attention_mask)
+        if self.exported:
+            return mean_pool(hidden, lengths)
+        torch = _torch()
+        with torch.inference_mode():  # pooled on the model's device, in float32
+            pool = torch.from_numpy(pool_weights(lengths, input_ids.shape[1])).to(self.device, hidden.dtype)
+            summed = (hidden * pool.unsqueeze(-1)).sum(dim=1, dtype=torch.float32)
+            count = pool.sum(dim=1, dtype=torch.float32).clamp(min=1.0).unsqueeze(-1)
+            return (summed / count).cpu().numpy()
+
+    def padded_batch(self, ids: Sequence[Sequence[int]], lengths: np.ndarray, sel: np.ndarray):
+        """The model's inputs for the items ``sel`` of ``ids``: right-padded int64 token ids and attention mask."""
         width = int(lengths[sel].max())
         batch = np.full((len(sel), width), self.tokenizer.pad_id, dtype=np.int64)
         mask = np.zeros((len(sel), width), dtype=np.int64)
         for r, i in enumerate(sel):
             batch[r, : lengths[i]] = ids[i]
             mask[r, : lengths[i]] = 1
-        return torch.from_numpy(batch).to(self.device), torch.from_numpy(mask).to(self.device)
+        return batch, mask
 
     def batches(self, lengths: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
         """Index arrays of the batches, by length. A given batch size means fixed, length-sorted batches."""
-        if batch_size or self.device.type != "cpu":
+        if batch_size or self.on_gpu:
             bs = batch_size or self.batch_size
             order = np.argsort(lengths, kind="stable")
             return [order[lo : lo + bs] for lo in range(0, len(order), bs)]

@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import MissingDependencyError, RetroError
+from .pooling import mean_pool
 
 # Bump when the exported graph changes for the same model and libraries (wrapper, opset, settings).
 EXPORT_VERSION = 1
@@ -181,14 +182,6 @@ def pad_batch(ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray
     return batch, mask
 
 
-def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The Embedder's pooling in numpy: mean over the real tokens but [CLS] and [SEP]."""
-    pool = mask.astype(np.float64)
-    pool[:, 0] = 0
-    pool[np.arange(len(mask)), mask.sum(1) - 1] = 0
-    return (hidden * pool[..., None]).sum(1) / np.maximum(pool.sum(1, keepdims=True), 1.0)
-
-
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
@@ -283,7 +276,8 @@ def check_graph(model_dir: str, path: Path, module=None, run: Callable | None = 
         with torch.inference_mode():
             want = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         got = np.asarray(run(ids, mask))
-        cos.append(cosines(pooled(got, mask), pooled(want, mask)))
+        lengths = mask.sum(1)
+        cos.append(cosines(mean_pool(got, lengths), mean_pool(want, lengths)))
         shapes.append(list(ids.shape))
     cos = np.concatenate(cos)
     result = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "rows": int(cos.size), "shapes": shapes}

@@ -58,7 +58,7 @@ def quantize(model_dir: str, src: Path, out: Path, reduce_range: bool) -> None:
 
 
 class OrtEncoder:
-    """An ONNX Runtime session of an encoder graph: ``encoder(input_ids, attention_mask)`` -> torch hidden states."""
+    """An ONNX Runtime session of an encoder graph: ``encoder(input_ids, attention_mask)`` -> hidden states (numpy)."""
 
     def __init__(self, path: str | Path, threads: int):
         ort = onnxruntime()
@@ -73,13 +73,8 @@ class OrtEncoder:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def run_numpy(self, input_ids, attention_mask):
-        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
-
     def __call__(self, input_ids, attention_mask):
-        import torch
-
-        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy(), attention_mask.cpu().numpy()))
+        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
 
 def load_onnx_encoder(model_dir: str, dtype: str, threads: int) -> OrtEncoder:

@@ -43,7 +43,7 @@ def ov_graph(model_dir: str, dtype: str) -> Path:
 
 
 class OpenVinoEncoder:
-    """A compiled OpenVINO model of an encoder graph: ``encoder(input_ids, attention_mask)`` -> torch hidden states."""
+    """A compiled OpenVINO model of an encoder graph: ``encoder(input_ids, attention_mask)`` -> hidden states (numpy)."""
 
     def __init__(self, path: str | Path, dtype: str, threads: int):
         ov = openvino()
@@ -58,14 +58,9 @@ class OpenVinoEncoder:
         self.request = self.compiled.create_infer_request()
         self.output = self.compiled.output(0)
 
-    def run_numpy(self, input_ids, attention_mask):
+    def __call__(self, input_ids, attention_mask):
         # A copy: the request reuses its output buffer on the next call.
         return self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})[self.output].copy()
-
-    def __call__(self, input_ids, attention_mask):
-        import torch
-
-        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy(), attention_mask.cpu().numpy()))
 
 
 def load_openvino_encoder(model_dir: str, dtype: str, threads: int) -> OpenVinoEncoder:
