@@ -102,7 +102,7 @@ def _ceiling_worker(dtype: str, ids: list[list[int]], barrier, out, backend: str
     # Embedder, one thread.
     embedder = Embedder(EmbedConfig(embed_dtype=dtype, backend=backend), "cpu", threads=1)
     lengths = np.array([len(x) for x in ids])
-    batches = [embedder.padded_batch(ids, lengths, sel) for sel in embedder.batches(lengths)]
+    batches = [embedder.padded_batch(ids, sel) for sel in embedder.batches(lengths)]
     barrier.wait()
     t0 = time.perf_counter()
     for x, m in batches:

@@ -256,7 +256,7 @@ def model_only_seconds(embedder, ids, batch: int, device: str) -> float:
 
     lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
     # Length-sorted runs of `batch`, padded as embed_ids pads them, already on the Embedder's device.
-    batches = [tuple(torch.from_numpy(a).to(embedder.device) for a in embedder.padded_batch(ids, lengths, sel))
+    batches = [tuple(torch.from_numpy(a).to(embedder.device) for a in embedder.padded_batch(ids, sel))
                for sel in embedder.batches(lengths, batch)]
     with torch.inference_mode():
         embedder.model(*batches[0])  # warm-up

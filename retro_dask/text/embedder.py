@@ -3,7 +3,7 @@
 A chunk's text is WordPiece tokenized with [CLS] and [SEP], truncated to
 ``max_chunk_length``; its embedding is the mean of the last hidden states over
 the WordPiece tokens, [CLS] and [SEP] excluded (Megatron's pooling,
-``pooling.py``). :func:`get_embedder` caches the model by its frozen
+``batch_arrays.py``). :func:`get_embedder` caches the model by its frozen
 ``EmbedConfig``, so Dask tasks ship only the config. Within a call, texts are
 batched by length (``plan/batches.py``) and results come back in order. The
 forward pass is the config's backend (``backends.py``): eager torch
@@ -29,7 +29,7 @@ from ..engine.process_env import MODEL_ENV, tune_allocator, worker_threads
 from ..errors import InputError
 from ..plan.batches import length_batches
 from .bert import BertTokenizerSpec, default_bert_dir, get_bert_tokenizer
-from .pooling import mean_pool, pool_weights
+from .batch_arrays import mean_pool, pad_batch, pool_weights
 
 CPU_BATCH = 64
 GPU_BATCH = 1024
@@ -186,7 +186,7 @@ class Embedder:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         with self.lock:
             for sel in self.batches(lengths, batch_size):
-                input_ids, attention = self.padded_batch(ids, lengths, sel)
+                input_ids, attention = self.padded_batch(ids, sel)
                 if counts is not None:
                     counts["tokens"] = counts.get("tokens", 0) + int(lengths[sel].sum())
                     counts["padded"] = counts.get("padded", 0) + input_ids.size
@@ -213,15 +213,9 @@ class Embedder:
             count = pool.sum(dim=1, dtype=torch.float32).clamp(min=1.0).unsqueeze(-1)
             return (summed / count).cpu().numpy()
 
-    def padded_batch(self, ids: Sequence[Sequence[int]], lengths: np.ndarray, sel: np.ndarray):
+    def padded_batch(self, ids: Sequence[Sequence[int]], sel: np.ndarray):
         """The model's inputs for the items ``sel`` of ``ids``: right-padded int64 token ids and attention mask."""
-        width = int(lengths[sel].max())
-        batch = np.full((len(sel), width), self.tokenizer.pad_id, dtype=np.int64)
-        mask = np.zeros((len(sel), width), dtype=np.int64)
-        for r, i in enumerate(sel):
-            batch[r, : lengths[i]] = ids[i]
-            mask[r, : lengths[i]] = 1
-        return batch, mask
+        return pad_batch([ids[i] for i in sel], self.tokenizer.pad_id)
 
     def batches(self, lengths: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
         """Index arrays of the batches, by length. A given batch size means fixed, length-sorted batches."""

@@ -32,12 +32,12 @@ import time
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import MissingDependencyError, RetroError
-from .pooling import mean_pool
+from .batch_arrays import mean_pool, pad_batch
 
 # Bump when the exported graph changes for the same model and libraries (wrapper, opset, settings).
 EXPORT_VERSION = 1
@@ -171,15 +171,6 @@ def probe_ids(model_dir: str, n: int, seed: int = 0, max_length: int = 256) -> l
         lo = int(rng.integers(0, max(1, len(words) - width)))
         texts.append(" ".join(words[lo : lo + width]) or "empty")
     return get_bert_tokenizer(BertTokenizerSpec(model_dir)).encode_for_model(texts, max_length)
-
-
-def pad_batch(ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(x) for x in ids)
-    batch = np.full((len(ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for r, x in enumerate(ids):
-        batch[r, : len(x)], mask[r, : len(x)] = x, 1
-    return batch, mask
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph_export import large_model, pad_batch, probe_ids, require
+from .batch_arrays import pad_batch
+from .graph_export import large_model, probe_ids, require
 
 CALIBRATION_TEXTS = 512
 CALIBRATION_SEED = 11

@@ -1,6 +1,8 @@
-"""Megatron's pooling of BERT's last hidden states: the mean over a chunk's WordPiece tokens.
+"""A padded batch of BERT's in numpy: its inputs, and Megatron's pooling of its last hidden states.
 
-A row of ``length`` real tokens is ``[CLS] w_1 ... w_k [SEP]`` then padding;
+:func:`pad_batch` right-pads ``[CLS] ... [SEP]`` id lists into token ids and an
+attention mask. :func:`mean_pool` takes the mean over a chunk's WordPiece
+tokens: a row of ``length`` real tokens is ``[CLS] w_1 ... w_k [SEP]`` then padding;
 its embedding is the mean of the hidden states at positions 1 .. length-2
 ([CLS] and [SEP] left out), in float32; a row with no WordPiece token (an
 empty chunk) pools to zeros.
@@ -8,7 +10,19 @@ empty chunk) pools to zeros.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``[rows, longest]`` token ids (right-padded with ``pad_id``) and attention mask of id lists."""
+    width = max(len(x) for x in ids)
+    batch = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for r, x in enumerate(ids):
+        batch[r, : len(x)], mask[r, : len(x)] = x, 1
+    return batch, mask
 
 
 def pool_weights(lengths: np.ndarray, width: int) -> np.ndarray:
